@@ -1,0 +1,154 @@
+"""The one typed settings object for the whole product.
+
+Values come, highest priority first, from environment variables
+(``PNEUMO_*``), an optional TOML file (``PNEUMO_CONFIG=path.toml``), and the
+defaults below. With no configuration at all the product runs embedded on one
+machine: SQLite database and a server-less Celery broker under ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from dicom_io.config import Destination, ListenerConfig, TLSConfig, validate_ae_title
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+def _comma_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything an operator can configure. See the README's settings table."""
+
+    model_config = SettingsConfigDict(env_prefix="PNEUMO_", extra="ignore")
+
+    # --- DICOM node -------------------------------------------------------
+    ae_title: str = "PNEUMO"
+    host: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=0, le=65535)
+    allowed_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+    max_associations: int = Field(default=10, ge=1)
+    max_pdu: int = Field(default=0, ge=0, description="0 = unlimited")
+    spool_reserve_mb: int = Field(default=500, ge=0)
+    max_image_pixels_bits: int = Field(default=16384 * 16384 * 16, ge=1)
+    study_quiet_seconds: float = Field(default=5.0, gt=0)
+    study_release_grace_seconds: float = Field(default=1.0, ge=0)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_require_client_cert: bool = False
+    send_retries: int = Field(default=3, ge=0)
+    send_backoff_seconds: float = Field(default=2.0, ge=0)
+
+    # --- storage and services --------------------------------------------
+    data_dir: Path = Path("./var")
+    database_url: str | None = None
+    broker_url: str | None = None
+
+    # --- processing ------------------------------------------------------
+    model_path: Path | None = None
+    batch_size: int = Field(default=16, ge=1)
+    task_time_limit_seconds: int = Field(default=600, ge=10)
+    task_max_retries: int = Field(default=3, ge=0)
+    intended_max_age_years: int = Field(default=17, ge=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        return validate_ae_title(value)
+
+    @field_validator("allowed_aets", mode="before")
+    @classmethod
+    def _split_aets(cls, value: Any) -> Any:
+        return [validate_ae_title(v) for v in _comma_list(value)]
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _split_destinations(cls, value: Any) -> Any:
+        items = _comma_list(value)
+        return [Destination.parse(v) if isinstance(v, str) else v for v in items]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = os.environ.get("PNEUMO_CONFIG")
+        if toml_path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
+        return tuple(sources)
+
+    # --- derived locations ---------------------------------------------
+    @cached_property
+    def spool_dir(self) -> Path:
+        """Where received instances are written before they are acknowledged."""
+        return self.data_dir / "spool"
+
+    @cached_property
+    def results_dir(self) -> Path:
+        """Where produced SR and Secondary Capture objects are kept."""
+        return self.data_dir / "results"
+
+    @property
+    def effective_database_url(self) -> str:
+        """The database URL; embedded SQLite under ``data_dir`` when none is set."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'pneumo.db').resolve()}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        """The Celery broker; kombu's SQLAlchemy transport on SQLite when none is set."""
+        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None and self.broker_url is None
+
+    def tls_config(self) -> TLSConfig | None:
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return TLSConfig(
+            cert_file=self.tls_cert,
+            key_file=self.tls_key,
+            ca_file=self.tls_ca,
+            require_client_cert=self.tls_require_client_cert,
+        )
+
+    def listener_config(self) -> ListenerConfig:
+        """The DICOM listener's configuration derived from these settings."""
+        return ListenerConfig(
+            spool_dir=self.spool_dir,
+            ae_title=self.ae_title,
+            host=self.host,
+            port=self.port,
+            allowed_aets=frozenset(self.allowed_aets),
+            max_associations=self.max_associations,
+            max_pdu=self.max_pdu,
+            spool_reserve_bytes=self.spool_reserve_mb * 1024 * 1024,
+            max_image_pixels_bits=self.max_image_pixels_bits,
+            study_quiet_seconds=self.study_quiet_seconds,
+            study_release_grace_seconds=self.study_release_grace_seconds,
+            tls=self.tls_config(),
+        )
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment (and ``PNEUMO_CONFIG``), with overrides on top."""
+    return Settings(**overrides)
