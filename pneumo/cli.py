@@ -35,7 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _keep_phi_out_of_logs() -> None:
+    """Stop pydicom quoting element values in its validation warnings.
+
+    Those warnings go to the ``pydicom`` logger and can quote a Patient's Name;
+    received data is validated where it matters (UIDs, selection) instead.
+    """
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
 def main(argv: list[str] | None = None) -> int:
+    _keep_phi_out_of_logs()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

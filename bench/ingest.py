@@ -1,0 +1,294 @@
+"""C-STORE ingest benchmark: our listener vs DCMTK storescp, same files, same run.
+
+    .venv/bin/python bench/ingest.py [--large 200] [--small 500] [--out bench/results/ingest.txt]
+
+Generates synthetic DX instances in a temporary directory (2048x2048 16-bit,
+about 8 MB, and 512x512 16-bit), then sends them with DCMTK ``storescu`` over
+one association and over 4 parallel associations (4 storescu processes) to
+
+* ``python -m dicom_io listen`` (our listener: spool write + fsync + rename per
+  instance, study assembly), and
+* DCMTK ``storescp`` (writes files, no fsync),
+
+both negotiating the same maximum PDU (128 KiB). Prints MB/s, instances/s,
+our/storescp ratios and the listener's peak RSS while receiving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parents[1]
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+MAX_PDU = 131072
+DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_files(folder: Path, count: int, size: int, parts: int = 4) -> list[Path]:
+    """``count`` distinct DX instances of ``size``x``size`` 16-bit, split over ``parts`` folders."""
+    rng = np.random.default_rng(size)
+    pixels = rng.integers(0, 4096, (size, size), dtype=np.uint16).tobytes()
+    files = []
+    for i in range(count):
+        ds = Dataset()
+        ds.SOPClassUID = DX_STORAGE
+        ds.SOPInstanceUID = generate_uid()
+        if i % 50 == 0:  # 50 instances per study
+            study, series = generate_uid(), generate_uid()
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series
+        ds.Modality = "DX"
+        ds.PatientID = "BENCH"
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = pixels
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        sub = folder / f"part{i % parts}"
+        sub.mkdir(parents=True, exist_ok=True)
+        path = sub / f"{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
+@dataclass
+class Run:
+    receiver: str
+    dataset: str
+    associations: int
+    instances: int
+    mbytes: float
+    seconds: float
+    peak_rss_mb: float | None
+
+    @property
+    def mb_s(self) -> float:
+        return self.mbytes / self.seconds
+
+    @property
+    def inst_s(self) -> float:
+        return self.instances / self.seconds
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set():
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.02)
+
+
+def wait_echo(port: int, ae: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        r = subprocess.run(["/usr/bin/echoscu", "-aec", ae, "127.0.0.1", str(port)],
+                           env=DCMTK_ENV, capture_output=True)
+        if r.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"receiver on port {port} did not answer C-ECHO")
+
+
+# The floor of any pynetdicom-based receiver: same AE setup and socket reading
+# as our listener, but the C-STORE handler writes nothing and answers Success.
+_NOOP_SCP = """
+import sys, types
+from pynetdicom import AE, evt, ALL_TRANSFER_SYNTAXES
+from pynetdicom.sop_class import Verification
+from dicom_io.listener import storage_sop_classes, _recv_exact
+ae = AE(ae_title="PNEUMO")
+ae.maximum_pdu_size = int(sys.argv[2])
+ae.maximum_associations = 8
+ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+for uid in storage_sop_classes():
+    ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+def on_open(event):
+    sock = event.assoc.dul.socket
+    sock.recv = types.MethodType(_recv_exact, sock)
+ae.start_server(("127.0.0.1", int(sys.argv[1])), block=True,
+                evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_C_STORE, lambda e: 0)])
+"""
+
+
+def start_receiver(kind: str, out: Path, port: int) -> subprocess.Popen:
+    out.mkdir(parents=True, exist_ok=True)
+    if kind == "noop":
+        proc = subprocess.Popen([sys.executable, "-c", _NOOP_SCP, str(port), str(MAX_PDU)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_echo(port, "PNEUMO")
+    elif kind == "pneumo":
+        cmd = [sys.executable, "-m", "dicom_io", "listen", "--host", "127.0.0.1",
+               "--port", str(port), "--spool", str(out), "--max-pdu", str(MAX_PDU),
+               "--reserve-mb", "0", "--quiet", "2", "--max-associations", "8"]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        line = proc.stdout.readline()  # {"event": "listening", ...}
+        assert json.loads(line)["event"] == "listening", line
+        wait_echo(port, "PNEUMO")
+    else:
+        cmd = ["/usr/bin/storescp", "--fork", "+xa", "--max-pdu", str(MAX_PDU),
+               "-aet", "PNEUMO", "-od", str(out), str(port)]
+        proc = subprocess.Popen(cmd, env=DCMTK_ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        wait_echo(port, "PNEUMO")
+    return proc
+
+
+def stop_receiver(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_one(kind: str, dataset: str, files: list[Path], folders: list[Path],
+            associations: int, work: Path) -> Run:
+    port = free_port()
+    out = work / f"recv-{kind}"
+    shutil.rmtree(out, ignore_errors=True)
+    proc = start_receiver(kind, out, port)
+    sampler = RssSampler(proc.pid) if kind in ("pneumo", "noop") else None
+    if sampler:
+        sampler.start()
+    groups = [folders] if associations == 1 else [[f] for f in folders]
+    assert len(groups) == associations
+    subprocess.run(["sync"])
+    t0 = time.perf_counter()
+    senders = [
+        subprocess.Popen(
+            ["/usr/bin/storescu", "-aec", "PNEUMO", "--max-pdu", str(MAX_PDU), "+sd", "-R",
+             "127.0.0.1", str(port), *map(str, g)],
+            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        for g in groups
+    ]
+    errors = [s.communicate()[1] for s in senders]
+    seconds = time.perf_counter() - t0
+    failed = [e for s, e in zip(senders, errors) if s.returncode != 0]
+    if sampler:
+        sampler.stop_flag.set()
+        sampler.join()
+    stop_receiver(proc)
+    if failed:
+        raise RuntimeError(f"storescu failed: {failed[0][-500:]}")
+    received = [p for p in out.rglob("*") if p.is_file() and ".state" not in p.parts]
+    if kind != "noop" and len(received) < len(files):
+        raise RuntimeError(f"{kind}: only {len(received)} of {len(files)} files received")
+    shutil.rmtree(out, ignore_errors=True)
+    mbytes = sum(f.stat().st_size for f in files) / 1e6
+    return Run(kind, dataset, associations, len(files), mbytes, seconds,
+               sampler.peak / 2**20 if sampler else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--large", type=int, default=200, help="number of 2048x2048 instances")
+    parser.add_argument("--small", type=int, default=500, help="number of 512x512 instances")
+    parser.add_argument("--out", type=Path, help="also write the table to this file")
+    parser.add_argument("--workdir", type=Path, help="temp dir (default: system temp)")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the pynetdicom no-op receiver (the floor without any storage)")
+    args = parser.parse_args(argv)
+    for tool in ("storescu", "storescp", "echoscu"):
+        if not Path("/usr/bin", tool).exists():
+            print(f"DCMTK {tool} missing", file=sys.stderr)
+            return 2
+
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="pneumo-bench-") as tmp:
+        work = Path(tmp)
+        for name, count, size in (("2048x2048", args.large, 2048), ("512x512", args.small, 512)):
+            src = work / f"src-{name}"
+            t = time.perf_counter()
+            files = make_files(src, count, size)
+            folders = sorted(p for p in src.iterdir() if p.is_dir())
+            print(f"generated {count} x {name} ({sum(f.stat().st_size for f in files)/1e6:.0f} MB)"
+                  f" in {time.perf_counter()-t:.1f}s", file=sys.stderr)
+            for associations in (1, 4):
+                kinds = ("storescp", "pneumo") if args.no_floor else ("storescp", "noop", "pneumo")
+                for kind in kinds:
+                    run = run_one(kind, name, files, folders, associations, work)
+                    print(f"  {kind:8s} {name} x{associations}: {run.mb_s:7.1f} MB/s "
+                          f"{run.inst_s:7.1f} inst/s", file=sys.stderr)
+                    runs.append(run)
+            shutil.rmtree(src)
+
+    lines = [
+        f"C-STORE ingest, storescu sender, max PDU {MAX_PDU}, {os.cpu_count()} CPUs, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "receivers: storescp = DCMTK storescp (no fsync); noop = pynetdicom with our AE setup "
+        "answering Success without writing (the floor of any pynetdicom receiver); "
+        "pneumo = python -m dicom_io listen (write, fsync, rename, fsync dir, assembly).",
+        "",
+        "| dataset | assocs | receiver | instances | MB | seconds | MB/s | inst/s | "
+        "ratio MB/s | ratio inst/s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = {(r.dataset, r.associations): r for r in runs if r.receiver == "storescp"}
+    for r in runs:
+        b = base[(r.dataset, r.associations)]
+        lines.append(
+            f"| {r.dataset} | {r.associations} | {r.receiver} | {r.instances} | {r.mbytes:.0f} | "
+            f"{r.seconds:.2f} | {r.mb_s:.1f} | {r.inst_s:.1f} | {r.mb_s / b.mb_s:.2f} | "
+            f"{r.inst_s / b.inst_s:.2f} | "
+            f"{'' if r.peak_rss_mb is None else f'{r.peak_rss_mb:.0f}'} |"
+        )
+    large = [r for r in runs if r.receiver == "pneumo" and r.dataset == "2048x2048"]
+    small = [r for r in runs if r.receiver == "pneumo" and r.dataset == "512x512"]
+    lines.append("")
+    lines.append(
+        "targets: 2048x2048 MB/s ratio >= 0.8: "
+        + ", ".join(f"x{r.associations} {r.mb_s / base[(r.dataset, r.associations)].mb_s:.2f}"
+                    for r in large)
+        + "; 512x512 inst/s ratio >= 0.5: "
+        + ", ".join(f"x{r.associations} {r.inst_s / base[(r.dataset, r.associations)].inst_s:.2f}"
+                    for r in small)
+        + f"; listener peak RSS < 300 MB: {max((r.peak_rss_mb or 0) for r in runs):.0f} MB"
+    )
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

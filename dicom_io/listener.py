@@ -1,0 +1,386 @@
+"""The DICOM listener: Verification and Storage SCP in front of the spool.
+
+* C-ECHO (Verification, PS3.4 Annex A) and C-STORE (Storage, PS3.4 Annex B)
+  for every Storage SOP class pynetdicom knows plus the retired/trial ones of
+  pydicom's UID dictionary, with every transfer syntax pynetdicom can
+  negotiate. A CT or SR that arrives with a chest study is stored too;
+  deciding what the model reads happens later (``dicom_io.selection``).
+  Private SOP classes are not accepted (that would need pynetdicom's
+  process-wide ``UNRESTRICTED_STORAGE_SERVICE`` switch).
+* The received data set bytes are written as-is (see ``dicom_io.spool``).
+  C-STORE status (PS3.4 §B.2.3, Table B.2-1):
+
+  ========  ==============================================================
+  0x0000    Success, only after the instance is durably in the spool
+  0xA700    Refused: Out of Resources (disk full / write failed) - retry
+  0xA900    Error: Data Set Does Not Match SOP Class (missing/invalid UIDs)
+  0xC000    Error: Cannot Understand (header unreadable)
+  ========  ==============================================================
+
+* Association negotiation (PS3.8 §7.1.1.9): an unknown calling AE title is
+  rejected permanently (result 1, source 1 "service user", reason 3
+  "calling AE title not recognized") when an allow-list is configured; when
+  the spool's free space falls below the reserve, or the association limit is
+  reached, the association is rejected *transiently* (result 2, source 3,
+  reason 2 "local limit exceeded") so the sender retries later.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import types
+from typing import Any, Callable
+
+from pydicom._uid_dict import UID_dictionary
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import Verification, register_uid  # type: ignore[attr-defined]
+
+from dicom_io.assembly import ReadyStudy, StudyAssembler
+from dicom_io.config import ListenerConfig, TLSConfig
+from dicom_io.spool import (
+    RefusalKind,
+    SpooledInstance,
+    Spool,
+    SpoolRefusal,
+    SpoolWriteError,
+    StoreOutcome,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+
+# Storage SOP classes pydicom knows but pynetdicom's list lacks: retired and
+# trial classes under the storage arc (PS3.6 Annex A), e.g. the retired
+# Ultrasound Image Storage 1.2.840.10008.5.1.4.1.1.6 old modalities still send.
+_STORAGE_ARC = "1.2.840.10008.5.1.4.1.1."
+
+
+_registered_extra = False
+_register_lock = threading.Lock()
+
+
+def storage_sop_classes() -> list[str]:
+    """Every Storage SOP class UID the listener accepts.
+
+    The extra (retired/trial) classes are registered with pynetdicom's Storage
+    service once, else pynetdicom would accept the context but abort on the
+    C-STORE for lack of a service class.
+    """
+    global _registered_extra
+    known = {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
+    extra = {
+        uid: f"PneumoExtra_{entry[4] or uid.replace('.', '_')}"
+        for uid, entry in UID_dictionary.items()
+        if entry[1] == "SOP Class"
+        and uid.startswith(_STORAGE_ARC)
+        and "Storage" in entry[0]
+        and uid not in known
+    }
+    with _register_lock:
+        if not _registered_extra:
+            for uid, keyword in extra.items():
+                register_uid(uid, keyword, StorageServiceClass)
+            _registered_extra = True
+    return sorted(known | set(extra))
+
+
+def _status(code: int, comment: str) -> Dataset:
+    """A C-STORE response status with a PHI-free Error Comment (0000,0902), ≤ 64 chars."""
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+class _SpoolGuardedAE(AE):
+    """An AE that reports an association limit of 0 while the spool is short of space.
+
+    pynetdicom rejects an association transiently with "local limit exceeded"
+    when its active associations exceed ``maximum_associations`` (PS3.8
+    §7.1.1.9); reusing that path gives the PACS exactly the answer we want:
+    try again later.
+    """
+
+    def __init__(self, ae_title: str, space_ok: Callable[[], bool]) -> None:
+        super().__init__(ae_title=ae_title)
+        self._space_ok = space_ok
+
+    @property  # type: ignore[override]
+    def maximum_associations(self) -> int:
+        limit = AE.maximum_associations.fget(self)  # type: ignore[attr-defined]
+        if not self._space_ok():
+            return 0
+        return limit
+
+    @maximum_associations.setter
+    def maximum_associations(self, value: int) -> None:
+        AE.maximum_associations.fset(self, value)  # type: ignore[attr-defined]
+
+
+class _RedactValues(logging.Filter):
+    """Drop the offending value from pydicom's/pynetdicom's "invalid value" messages.
+
+    pynetdicom decodes the C-STORE command set with pydicom; both log a
+    malformed UID verbatim, and a malformed value may be anything, PHI included.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if (
+            message.startswith(("Invalid value for VR", "Non-conformant"))
+            or "exceeds the maximum length" in message
+        ):
+            record.msg = f"{record.name}: invalid element value (value redacted)"
+            record.args = ()
+        return True
+
+
+_REDACT = _RedactValues()
+
+
+def _recv_exact(self: Any, nr_bytes: int) -> bytearray:
+    """Read exactly ``nr_bytes`` (fewer only if the peer closed) into one buffer.
+
+    Replaces pynetdicom's ``AssociationSocket.recv`` for our associations:
+    upstream reads in 4 KiB ``recv()`` calls and grows a bytearray, i.e. about
+    2000 system calls and copies per 8 MB instance; ``recv_into`` a
+    preallocated buffer takes a handful. Same contract: returns what was read.
+    """
+    buf = bytearray(nr_bytes)
+    view = memoryview(buf)
+    got = 0
+    sock = self.socket
+    while got < nr_bytes:
+        n = sock.recv_into(view[got:], nr_bytes - got)
+        if not n:
+            del view
+            return buf[:got]
+        got += n
+    del view
+    return buf
+
+
+def set_nodelay(raw_socket: Any) -> None:
+    """Disable Nagle's algorithm: a C-STORE response is a small write the peer
+    waits for, and Nagle plus delayed ACKs can hold it back for tens of ms."""
+    try:
+        raw_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        pass
+
+
+def build_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
+    """Server-side TLS context for DICOM TLS (PS3.15 Annex B.9), mutual when configured."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
+    if tls.ca_file is not None:
+        ctx.load_verify_locations(cafile=str(tls.ca_file))
+    if tls.require_client_cert:
+        if tls.ca_file is None:
+            raise ValueError("mutual TLS needs a CA file to verify client certificates")
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class Listener:
+    """C-ECHO/C-STORE SCP writing to the spool and assembling studies."""
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        on_study_ready: Callable[[ReadyStudy], None],
+        on_instance_stored: Callable[[SpooledInstance], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.spool = Spool(config.spool_dir)
+        self.assembler = StudyAssembler(
+            self.spool,
+            on_study_ready,
+            quiet_seconds=config.study_quiet_seconds,
+            release_grace_seconds=config.study_release_grace_seconds,
+        )
+        self._on_instance_stored = on_instance_stored
+        self._server: Any = None
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self.stats = {"stored": 0, "duplicate": 0, "replaced": 0, "refused": 0, "failed": 0}
+
+    # --- lifecycle ----------------------------------------------------------
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful when the configuration asked for port 0)."""
+        if self._server is None:
+            raise RuntimeError("listener not started")
+        return int(self._server.server_address[1])
+
+    def _space_ok(self) -> bool:
+        try:
+            return self.spool.free_bytes() >= self.config.spool_reserve_bytes
+        except OSError:
+            return False
+
+    def _build_ae(self) -> AE:
+        ae = _SpoolGuardedAE(self.config.ae_title, self._space_ok)
+        ae.maximum_associations = self.config.max_associations
+        ae.maximum_pdu_size = self.config.max_pdu
+        if self.config.allowed_aets:
+            ae.require_calling_aet = sorted(self.config.allowed_aets)
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for uid in storage_sop_classes():
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    def start(self) -> None:
+        """Recover pending studies, bind the socket and serve in background threads."""
+        if self._server is not None:
+            return
+        self._stopped.clear()
+        for name in ("pydicom", "pynetdicom.utils"):
+            library_log = logging.getLogger(name)
+            if _REDACT not in library_log.filters:
+                library_log.addFilter(_REDACT)
+        self.assembler.start()
+        ae = self._build_ae()
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._handle_open),
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_RELEASED, self._handle_released),
+            (evt.EVT_CONN_CLOSE, self._handle_closed),
+            (evt.EVT_REJECTED, self._handle_rejected),
+        ]
+        ssl_context = build_ssl_context(self.config.tls) if self.config.tls else None
+        try:
+            self._server = ae.start_server(
+                (self.config.host, self.config.port),
+                block=False,
+                evt_handlers=handlers,
+                ssl_context=ssl_context,
+            )
+        except Exception:
+            self.assembler.stop()
+            raise
+        log.info(
+            "listening as %s on %s:%d (tls=%s)",
+            self.config.ae_title, self.config.host, self.port, bool(ssl_context),
+        )
+
+    def stop(self) -> None:
+        """Stop accepting, close the server and the assembly timer. Nothing pending is lost."""
+        with self._lock:
+            server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            # Unacknowledged C-STOREs on open associations are retried by the
+            # sender; acknowledged ones are already durable.
+            for assoc in list(server.ae.active_associations):
+                try:
+                    assoc.abort()
+                except Exception:  # already closing
+                    pass
+        self.assembler.stop()
+        self._stopped.set()
+
+    def serve_forever(self) -> None:
+        """Run until :meth:`stop` is called or the process gets KeyboardInterrupt."""
+        self.start()
+        try:
+            while not self._stopped.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            log.info("interrupted; stopping listener")
+        finally:
+            self.stop()
+
+    def __enter__(self) -> "Listener":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- event handlers ----------------------------------------------------
+    def _handle_store(self, event: Any) -> int | Dataset:
+        req = event.request
+        context = event.context
+        calling = str(event.assoc.requestor.ae_title).strip()
+        if not self._space_ok():
+            self._count("failed")
+            log.error("spool below free-space reserve: refusing C-STORE (0xA700)")
+            return _status(STATUS_OUT_OF_RESOURCES, "spool free space below reserve")
+        try:
+            result = self.spool.store(
+                req.DataSet,
+                sop_class_uid=str(req.AffectedSOPClassUID or ""),
+                sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
+                transfer_syntax_uid=str(context.transfer_syntax),
+                calling_aet=calling,
+            )
+        except SpoolRefusal as exc:
+            self._count("refused")
+            code = (
+                STATUS_CANNOT_UNDERSTAND
+                if exc.kind is RefusalKind.UNREADABLE
+                else STATUS_DATASET_MISMATCH
+            )
+            # The message names attributes only; never values (may be PHI).
+            log.warning("C-STORE from %s refused (0x%04X): %s", calling, code, exc)
+            return _status(code, str(exc))
+        except SpoolWriteError as exc:
+            self._count("failed")
+            log.error("C-STORE from %s not stored (0xA700): %s", calling, exc)
+            return _status(STATUS_OUT_OF_RESOURCES, "spool write failed")
+        except Exception as exc:  # never let a bug become a false Success
+            self._count("failed")
+            # Type only at ERROR: exception texts from parsers may quote values.
+            log.error("C-STORE from %s failed unexpectedly (%s)", calling, type(exc).__name__)
+            log.debug("C-STORE failure details", exc_info=True)
+            return _status(STATUS_OUT_OF_RESOURCES, "internal error")
+
+        self._count({"new": "stored"}.get(result.outcome.value, result.outcome.value))
+        try:
+            self.assembler.instance_stored(result, id(event.assoc))
+        except Exception as exc:  # instance is durable; recovery will find it
+            log.error("study assembly failed for study %s (%s)", result.instance.study_uid,
+                      type(exc).__name__)
+        # An identical duplicate changes nothing, so it is not reported again.
+        if self._on_instance_stored is not None and result.outcome is not StoreOutcome.DUPLICATE:
+            try:
+                self._on_instance_stored(result.instance)
+            except Exception as exc:
+                log.error(
+                    "on_instance_stored callback failed for instance %s (%s)",
+                    result.instance.sop_instance_uid, type(exc).__name__,
+                )
+        return STATUS_SUCCESS
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.stats[key] += 1
+
+    def _handle_open(self, event: Any) -> None:
+        sock = getattr(getattr(event.assoc, "dul", None), "socket", None)
+        if sock is None:
+            return
+        if hasattr(sock, "recv"):
+            sock.recv = types.MethodType(_recv_exact, sock)
+        set_nodelay(getattr(sock, "socket", None))
+
+    def _handle_released(self, event: Any) -> None:
+        self.assembler.association_released(id(event.assoc))
+
+    def _handle_closed(self, event: Any) -> None:
+        self.assembler.association_closed(id(event.assoc))
+
+    def _handle_rejected(self, event: Any) -> None:
+        log.warning("association from %s rejected", str(event.assoc.requestor.ae_title).strip())

@@ -1,0 +1,249 @@
+"""Sending DICOM objects to a peer: C-STORE SCU (PS3.4 Annex B) with retries.
+
+``send_files`` sends files (or every file under folders) to one destination.
+What fails is retried with exponential backoff; nothing is ever deleted, so a
+failed send leaves the objects on disk and the caller decides what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pydicom
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_context
+
+from dicom_io.config import Destination, TLSConfig, validate_ae_title
+from dicom_io.listener import set_nodelay
+from dicom_io.uids import is_valid_uid
+
+log = logging.getLogger(__name__)
+
+# pynetdicom/PS3.8 §9.3.2.2: at most 128 presentation contexts per association
+# (odd context IDs 1..255); stay below it.
+MAX_CONTEXTS = 120
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """Outcome of sending a set of files to one destination."""
+
+    destination: Destination
+    ok: bool
+    sent: tuple[Path, ...]
+    failed: tuple[tuple[Path, str], ...]  # (path, PHI-free reason)
+    attempts: int
+
+
+@dataclass(frozen=True)
+class _Item:
+    path: Path
+    sop_class_uid: str
+    transfer_syntax_uid: str
+
+
+def _is_success(status: int) -> bool:
+    # PS3.4 §B.2.3: 0x0000 Success; 0x0001, 0x0107, 0x0116 and 0xB0xx are
+    # Warnings - the object was stored.
+    return status in (0x0000, 0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF
+
+
+def expand_paths(paths: Sequence[Path]) -> list[Path]:
+    """Files as given, plus every regular non-hidden file under given folders, sorted."""
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            out.extend(
+                sorted(
+                    f
+                    for f in p.rglob("*")
+                    if f.is_file()
+                    and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                )
+            )
+        else:
+            out.append(p)
+    return out
+
+
+def _inspect(path: Path) -> _Item | str:
+    """The SOP class and transfer syntax of a Part 10 file, or a reason it cannot be sent."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except FileNotFoundError:
+        return "file not found"
+    except Exception as exc:
+        return f"not a readable DICOM file ({type(exc).__name__})"
+    ts = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
+    sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
+    if not is_valid_uid(ts):
+        return "no transfer syntax in file meta"
+    if not is_valid_uid(sop_class):
+        return "no valid SOP Class UID"
+    return _Item(path=path, sop_class_uid=sop_class, transfer_syntax_uid=ts)
+
+
+def _client_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
+    """Client-side DICOM TLS (PS3.15 Annex B.9); presents our certificate for mutual TLS."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # PACS peers are usually addressed by IP; trust is anchored in the CA.
+    ctx.check_hostname = False
+    if tls.ca_file is not None:
+        ctx.load_verify_locations(cafile=str(tls.ca_file))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
+    return ctx
+
+
+def _batches(items: list[_Item]) -> list[tuple[list[_Item], list]]:
+    """Group items so each association needs at most MAX_CONTEXTS contexts."""
+    batches: list[tuple[list[_Item], list]] = []
+    keys: dict[tuple[str, str], None] = {}
+    current: list[_Item] = []
+    for item in items:
+        key = (item.sop_class_uid, item.transfer_syntax_uid)
+        if key not in keys and len(keys) >= MAX_CONTEXTS:
+            batches.append((current, list(keys)))
+            current, keys = [], {}
+        keys.setdefault(key, None)
+        current.append(item)
+    if current:
+        batches.append((current, list(keys)))
+    out = []
+    for batch_items, batch_keys in batches:
+        contexts = []
+        for sop_class, ts in batch_keys:
+            syntaxes = [ts]
+            if UID(ts) in _UNCOMPRESSED:  # the peer may prefer the other uncompressed one
+                syntaxes += [u for u in _UNCOMPRESSED if u != ts]
+            contexts.append(build_context(sop_class, syntaxes))
+        out.append((batch_items, contexts))
+    return out
+
+
+def _send_once(
+    items: list[_Item],
+    destination: Destination,
+    calling_ae: str,
+    tls: TLSConfig | None,
+    timeout: float,
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    sent: list[Path] = []
+    failed: list[tuple[Path, str]] = []
+    for batch, contexts in _batches(items):
+        ae = AE(ae_title=calling_ae)
+        ae.requested_contexts = contexts
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        kwargs = {}
+        if tls is not None:
+            kwargs["tls_args"] = (_client_ssl_context(tls), None)
+        try:
+            assoc = ae.associate(
+                destination.host, destination.port, ae_title=destination.ae_title, **kwargs
+            )
+        except Exception as exc:  # e.g. TLS handshake errors
+            failed += [(i.path, f"association failed ({type(exc).__name__})") for i in batch]
+            continue
+        if not assoc.is_established:
+            reason = "association rejected" if assoc.is_rejected else "association failed"
+            failed += [(i.path, reason) for i in batch]
+            continue
+        # Small DIMSE writes must not wait on Nagle/delayed-ACK.
+        set_nodelay(getattr(getattr(assoc.dul, "socket", None), "socket", None))
+        try:
+            for n, item in enumerate(batch):
+                if not assoc.is_established:
+                    failed += [(i.path, "association lost") for i in batch[n:]]
+                    break
+                try:
+                    status = assoc.send_c_store(item.path)
+                except ValueError:  # pynetdicom: no accepted context fits this object
+                    failed.append((item.path, "peer accepted no presentation context for it"))
+                    continue
+                except Exception as exc:
+                    failed.append((item.path, f"send failed ({type(exc).__name__})"))
+                    continue
+                code = int(getattr(status, "Status", -1)) if status else -1
+                if code == -1:
+                    failed.append((item.path, "no response (timeout or abort)"))
+                elif _is_success(code):
+                    sent.append(item.path)
+                else:
+                    failed.append((item.path, f"status 0x{code:04X}"))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    return sent, failed
+
+
+def send_files(
+    paths: Sequence[Path],
+    destination: Destination,
+    *,
+    calling_ae: str = "PNEUMO",
+    retries: int = 3,
+    backoff_seconds: float = 2.0,
+    tls: TLSConfig | None = None,
+    timeout_seconds: float = 30.0,
+) -> SendResult:
+    """Send files (or all files under folders) to ``destination`` by C-STORE.
+
+    Failures are retried up to ``retries`` times, waiting ``backoff_seconds``,
+    then twice that, and so on; only what failed is sent again. Files that are
+    not readable DICOM are reported as failed without retrying. Nothing is
+    deleted.
+    """
+    calling_ae = validate_ae_title(calling_ae)
+    files = expand_paths(paths)
+    items: list[_Item] = []
+    unreadable: list[tuple[Path, str]] = []
+    for f in files:
+        inspected = _inspect(f)
+        if isinstance(inspected, str):
+            unreadable.append((f, inspected))
+        else:
+            items.append(inspected)
+
+    sent: list[Path] = []
+    pending = items
+    last_failed: list[tuple[Path, str]] = []
+    attempts = 0
+    while pending:
+        attempts += 1
+        ok, last_failed = _send_once(pending, destination, calling_ae, tls, timeout_seconds)
+        sent += ok
+        if not last_failed:
+            break
+        if attempts > retries:
+            break
+        delay = backoff_seconds * 2 ** (attempts - 1)
+        log.warning(
+            "send to %s: %d of %d objects failed (attempt %d), retrying in %.1fs",
+            destination, len(last_failed), len(pending), attempts, delay,
+        )
+        time.sleep(delay)
+        failed_paths = {p for p, _ in last_failed}
+        pending = [i for i in pending if i.path in failed_paths]
+
+    failed = tuple(unreadable + last_failed)
+    if failed:
+        log.error(
+            "send to %s: %d objects not sent after %d attempts", destination, len(failed), attempts
+        )
+    return SendResult(
+        destination=destination,
+        ok=not failed,
+        sent=tuple(sent),
+        failed=failed,
+        attempts=attempts,
+    )
