@@ -1,0 +1,329 @@
+"""Model card writer: ``<name>-<version>.md`` (people) and ``.json`` (code) beside the weights.
+
+The card is assembled from what the weights file records (architecture, data split,
+training history, machine, calibration, OOD statistics) and from evaluation results
+that ``pneumo evaluate --out DIR`` wrote (``DIR/metrics.json``), one per labelled set.
+It states the issue's targets on ``kermany/test`` and whether each is met, and by how
+much it is missed if not.
+
+Usage (after evaluating each set with ``pneumo evaluate --data ... --out DIR``)::
+
+    python -m model.card --weights model/weights/pneumonet-1.0.0.pt \\
+        --eval kermany/test=runs/kermany-test/metrics.json \\
+        --eval pneumoniamnist/test=runs/mnist/metrics.json \\
+        --ood-check runs/ood-check.json --note "free text" ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METRIC_ORDER = (
+    "roc_auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "pr_auc",
+    "brier", "ece",
+)
+
+#: Issue 3 targets on kermany/test: metric -> (comparison, value).
+TARGETS: dict[str, tuple[str, float]] = {
+    "roc_auc": (">=", 0.975),
+    "sensitivity": (">=", 0.95),
+    "specificity": (">=", 0.88),
+    "accuracy": (">=", 0.93),
+    "ece": ("<=", 0.05),
+}
+PRIMARY_SET = "kermany/test"
+
+INTENDED_USE = (
+    "Triage aid for frontal (PA/AP) chest radiographs of children (the training data are "
+    "pediatric, 1-5 years, Guangzhou Women and Children's Medical Center): flags studies "
+    "likely to show pneumonia so a radiologist reads them sooner. It is not a diagnosis, "
+    "does not replace a radiologist's read, and must not be used for adults, lateral views, "
+    "other modalities or other findings."
+)
+
+LIMITATIONS = (
+    "Trained on one pediatric centre (Kermany et al. 2018); expect lower performance on "
+    "adults (domain shift: anatomy, devices, disease spectrum) and on other hospitals' "
+    "equipment and processing.",
+    "The Kermany test split only exists as 224x224 aspect-squashed JPEGs; every image is "
+    "squash-resized to the input size, so the model never sees true aspect ratios, and "
+    "results on native-resolution DICOM may differ from the test-set figures.",
+    "Labels are the dataset's folder names (bacterial and viral pneumonia pooled); no "
+    "radiologist re-read. Patient overlap between Kermany train and test was not checked "
+    "upstream.",
+    "No pneumonia-positive DICOM was available; the DICOM path was checked for parity with "
+    "JPEG and for the not-a-chest guard only.",
+    "The not-a-chest guard is a feature-space distance: it rejects images unlike the "
+    "training radiographs, not every unsuitable image (e.g. an adult chest film or a "
+    "radiograph of an animal may pass).",
+)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _value(entry: Any) -> float | None:
+    if isinstance(entry, Mapping):
+        v = entry.get("value")
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+    return None
+
+
+def target_status(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each target with the measured value, whether it is met and the gap if not."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, (op, goal) in TARGETS.items():
+        v = _value(metrics.get(name))
+        met = None if v is None else (v >= goal if op == ">=" else v <= goal)
+        gap = None if v is None or met else round(abs(goal - v), 4)
+        out[name] = {"target": f"{op} {goal}", "value": v, "met": met, "missed_by": gap}
+    return out
+
+
+def build_card(
+    weights: Path,
+    evaluations: Mapping[str, Mapping[str, Any]],
+    *,
+    ood_check: Mapping[str, Any] | None = None,
+    notes: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The card as a JSON-ready dict."""
+    weights = Path(weights)
+    payload = torch.load(weights, map_location="cpu", weights_only=False)
+    n_params = int(sum(v.numel() for k, v in payload["state_dict"].items()
+                       if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))))
+    tr = payload.get("training", {})
+    sha = _sha256(weights)
+    evals = {}
+    for name, m in evaluations.items():
+        evals[name] = {k: m[k] for k in METRIC_ORDER if k in m}
+        for k in ("n", "n_total", "n_positive", "n_negative", "n_not_processed", "not_processed",
+                  "confusion", "model_sha256", "model_version", "threshold"):
+            if k in m:
+                evals[name][k] = m[k]
+        if m.get("model_sha256") not in (None, sha):
+            raise ValueError(f"evaluation {name!r} was made with another weights file")
+    card: dict[str, Any] = {
+        "name": payload["name"],
+        "version": payload["version"],
+        "weights_file": weights.name,
+        "sha256": sha,
+        "size_bytes": weights.stat().st_size,
+        "card_written": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "intended_use": INTENDED_USE,
+        "intended_population": payload.get("intended_population"),
+        "max_age_years": payload.get("max_age_years"),
+        "data": {
+            "training_set": "Kermany et al. 2018 pediatric CXR, 'train' split only "
+                            "(shared/data/kermany/train)",
+            "validation": "carved from train at patient level (personNNN / IM-xxxx), "
+                          f"val_fraction {tr.get('config', {}).get('val_fraction')}",
+            "n_train": tr.get("n_train"), "n_train_pneumonia": tr.get("n_train_pneumonia"),
+            "n_train_patients": tr.get("n_train_patients"),
+            "n_val": tr.get("n_val"), "n_val_pneumonia": tr.get("n_val_pneumonia"),
+            "n_val_patients": tr.get("n_val_patients"),
+            "test_use": "kermany/test was used only for the final evaluation below; no "
+                        "choice (epochs, threshold, temperature, architecture) was made on it",
+        },
+        "preprocessing": (
+            f"float [0,1] grayscale -> squash-resize to {payload['input_size']}x"
+            f"{payload['input_size']} (bilinear, anti-aliased, aspect not kept) -> per-image "
+            "zero mean / unit variance, clipped to +-6 (model/preprocess.py)"
+        ),
+        "architecture": {
+            "type": "compact ResNet (BasicBlock), 1-channel input, trained from scratch",
+            "config": payload["net_config"],
+            "parameters": n_params,
+            "input_size": payload["input_size"],
+            "test_time_augmentation": payload.get("tta"),
+        },
+        "training": {
+            k: tr.get(k) for k in ("best_epoch", "epochs_run", "stopped_early", "train_seconds",
+                                   "wall_seconds", "machine", "device")
+        } | {
+            "recipe": "AdamW, warm-up + cosine LR, class-balanced BCE, EMA of weights, "
+                      "augmentation: mirror, rotation +-10 deg, scale 0.88-1.12, shift +-6 %, "
+                      "down-up resampling, blur/sharpen, window, gamma, noise; early stopping "
+                      "on validation ROC AUC",
+            "config": tr.get("config"),
+            "history": tr.get("history"),
+        },
+        "calibration": {
+            "method": "temperature scaling with a bias term, p = sigmoid(logit / T + b), fitted "
+                      "on validation by NLL (Guo et al. 2017; Platt 1999); mirror-TTA logits",
+            "temperature": payload["temperature"],
+            "bias": payload.get("bias", 0.0),
+            "threshold": payload["threshold"],
+            "threshold_rule": f"highest threshold with validation sensitivity >= "
+                              f"{payload.get('target_sensitivity')}",
+            "validation": tr.get("validation"),
+        },
+        "ood_guard": {
+            "method": "per-stage Mahalanobis distance (Lee et al. 2018) on the channel "
+                      "mean/std of each ResNet stage, fitted on training radiographs, each "
+                      "normalised by its validation 99.5th percentile; score = max over "
+                      "stages; threshold = 1.25 x the validation 99.5th percentile",
+            "threshold": float(payload["ood"]["threshold"]),
+            "check": dict(ood_check) if ood_check else None,
+        },
+        "evaluations": evals,
+        "targets": target_status(evaluations.get(PRIMARY_SET, {})),
+        "limitations": list(LIMITATIONS),
+        "notes": list(notes),
+    }
+    return card
+
+
+def _fmt_metric(entry: Any) -> str:
+    if not isinstance(entry, Mapping) or entry.get("value") is None:
+        return "n/a"
+    ci = entry.get("ci95") or [None, None]
+    if ci[0] is None or ci[1] is None:
+        return f"{entry['value']:.3f}"
+    return f"{entry['value']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def render_markdown(card: Mapping[str, Any]) -> str:
+    """The human card."""
+    L: list[str] = []
+    L.append(f"# Model card: {card['name']} {card['version']}\n")
+    L.append(f"Weights `{card['weights_file']}` ({card['size_bytes'] / 1e6:.1f} MB), "
+             f"sha256 `{card['sha256']}`.\n")
+    L.append("## Intended use\n")
+    L.append(card["intended_use"] + "\n")
+    d = card["data"]
+    L.append("## Data and split\n")
+    L.append(f"- Training: {d['training_set']}: {d['n_train']} images "
+             f"({d['n_train_pneumonia']} pneumonia) from {d['n_train_patients']} patients.")
+    L.append(f"- Validation ({d['validation']}): {d['n_val']} images "
+             f"({d['n_val_pneumonia']} pneumonia) from {d['n_val_patients']} patients.")
+    L.append(f"- {d['test_use']}.\n")
+    L.append("## Preprocessing\n")
+    L.append(card["preprocessing"] + ".\n")
+    a = card["architecture"]
+    L.append("## Architecture\n")
+    L.append(f"{a['type']}; config `{json.dumps(a['config'])}`; {a['parameters']:,} parameters; "
+             f"input {a['input_size']}x{a['input_size']}; test-time augmentation: "
+             f"{a['test_time_augmentation']}.\n")
+    t = card["training"]
+    L.append("## Training\n")
+    mins = (t.get("train_seconds") or 0) / 60
+    L.append(f"{t['recipe']}. {t.get('epochs_run')} epochs run, best epoch {t.get('best_epoch')}"
+             f"{' (early stop)' if t.get('stopped_early') else ''}; {mins:.1f} min of training "
+             f"epochs (summed over resumed runs; calibration and export take ~2 min more), on "
+             f"{t.get('machine')} ({t.get('device')}).\n")
+    if t.get("history"):
+        L.append("| epoch | train loss | val loss | val AUC | seconds |")
+        L.append("|---|---|---|---|---|")
+        for h in t["history"]:
+            L.append(f"| {h['epoch']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} | "
+                     f"{h['val_auc']:.4f} | {h['seconds']:.0f} |")
+        L.append("")
+    c = card["calibration"]
+    L.append("## Calibration and operating point\n")
+    L.append(f"{c['method']}: temperature **{c['temperature']:.4f}**, bias "
+             f"**{c['bias']:.4f}**; operating threshold "
+             f"**{c['threshold']:.4f}** on the calibrated probability ({c['threshold_rule']}).")
+    if c.get("validation"):
+        v = c["validation"]
+        L.append(f"On validation: AUC {v['roc_auc']:.4f}, sensitivity {v['sensitivity']:.3f}, "
+                 f"specificity {v['specificity']:.3f}, ECE {v['ece_uncalibrated']:.3f} before / "
+                 f"{v['ece']:.3f} after calibration (fitted and measured on the same split).")
+    L.append("")
+    o = card["ood_guard"]
+    L.append("## Not-a-chest-radiograph guard\n")
+    L.append(f"{o['method']}. Threshold **{o['threshold']:.3f}**: images scoring above it are "
+             "reported as 'not processed: not a chest radiograph' instead of a probability.")
+    if o.get("check"):
+        L.append("")
+        for k, v in o["check"].items():
+            L.append(f"- {k}: {v}")
+    L.append("")
+    L.append("## Evaluation (95 % stratified bootstrap CIs, at the shipped threshold)\n")
+    L.append("| data set | n | " + " | ".join(METRIC_ORDER) + " |")
+    L.append("|---|---|" + "---|" * len(METRIC_ORDER))
+    for name, m in card["evaluations"].items():
+        cells = [_fmt_metric(m.get(k)) for k in METRIC_ORDER]
+        n = m.get("n")
+        extra = f" ({m.get('n_not_processed')} not processed)" if m.get("n_not_processed") else ""
+        L.append(f"| {name} | {n}{extra} | " + " | ".join(cells) + " |")
+    L.append("")
+    L.append(f"## Targets on {PRIMARY_SET}\n")
+    L.append("| metric | target | measured | met |")
+    L.append("|---|---|---|---|")
+    for name, s in card["targets"].items():
+        val = "n/a" if s["value"] is None else f"{s['value']:.4f}"
+        met = "n/a" if s["met"] is None else ("yes" if s["met"] else f"**no** (missed by {s['missed_by']})")
+        L.append(f"| {name} | {s['target']} | {val} | {met} |")
+    L.append("")
+    L.append("## Known limitations\n")
+    for item in card["limitations"]:
+        L.append(f"- {item}")
+    if card.get("notes"):
+        L.append("\n## Notes\n")
+        for item in card["notes"]:
+            L.append(f"- {item}")
+    L.append("")
+    return "\n".join(L)
+
+
+def write_model_card(
+    weights: Path,
+    evaluations: Mapping[str, Mapping[str, Any]],
+    *,
+    ood_check: Mapping[str, Any] | None = None,
+    notes: Sequence[str] = (),
+    out_dir: Path | None = None,
+) -> tuple[Path, Path]:
+    """Write ``<stem>.md`` and ``<stem>.json`` beside the weights (or in ``out_dir``)."""
+    weights = Path(weights)
+    card = build_card(weights, evaluations, ood_check=ood_check, notes=notes)
+    out = Path(out_dir) if out_dir else weights.parent
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / f"{weights.stem}.md"
+    js = out / f"{weights.stem}.json"
+    js.write_text(json.dumps(card, indent=2, allow_nan=False, default=str) + "\n")
+    md.write_text(render_markdown(card))
+    return md, js
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model.card", description=__doc__.split("\n")[0])
+    p.add_argument("--weights", type=Path, required=True)
+    p.add_argument("--eval", action="append", default=[], metavar="NAME=METRICS_JSON",
+                   help="an evaluation's metrics.json (repeatable)")
+    p.add_argument("--ood-check", type=Path, help="JSON object summarising the guard check")
+    p.add_argument("--note", action="append", default=[])
+    p.add_argument("--out-dir", type=Path)
+    args = p.parse_args(argv)
+    evaluations = {}
+    for spec in args.eval:
+        name, _, file = spec.partition("=")
+        if not file:
+            p.error(f"--eval needs NAME=FILE, got {spec!r}")
+        evaluations[name] = json.loads(Path(file).read_text())
+    ood = json.loads(args.ood_check.read_text()) if args.ood_check else None
+    md, js = write_model_card(args.weights, evaluations, ood_check=ood, notes=args.note,
+                              out_dir=args.out_dir)
+    print(md)
+    print(js)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

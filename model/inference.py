@@ -1,0 +1,232 @@
+"""Inference API for the worker: load the shipped model once, predict, explain.
+
+``load_predictor()`` returns a process-wide cached :class:`Predictor`. Its
+:meth:`Predictor.predict` takes float [0, 1] 2-D images (``model.images.load_image_file``
+or ``dicom_io.pixels.read_pixels``), preprocesses them with ``model.preprocess`` (the
+same code training used) and returns one :class:`Prediction` each: the calibrated
+pneumonia probability (``sigmoid(logit / T + b)`` of the mirror-TTA logit), the out-of-distribution score
+and whether the image passed the not-a-chest-radiograph guard.
+:meth:`Predictor.heatmaps` gives a Grad-CAM map (Selvaraju et al., ICCV 2017) per image
+at the image's own size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.network import NetConfig, PneumoNet, build_network, tta_forward
+from model.ood import OODModel
+from model.preprocess import to_model_batch
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+NOT_A_CHEST_RADIOGRAPH = "not a chest radiograph"
+
+
+class WeightsError(RuntimeError):
+    """The weights file is missing, unreadable or of an unknown format."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a result must record about the model that produced it."""
+
+    name: str
+    version: str
+    sha256: str  # of the weights file
+    threshold: float  # operating point on the calibrated probability
+    temperature: float
+    ood_threshold: float
+    input_size: int
+    intended_population: str
+    max_age_years: int | None
+    target_sensitivity: float = 0.95
+    bias: float = 0.0  # calibration: p = sigmoid(logit / temperature + bias)
+    path: str = ""  # file name of the weights (no directories: nothing site-specific)
+
+    @property
+    def label(self) -> str:
+        """``name-version``, e.g. for DICOM Algorithm Version / logs."""
+        return f"{self.name}-{self.version}"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probability: float  # calibrated P(pneumonia)
+    ood_score: float
+    is_chest: bool  # ood_score <= ood_threshold
+    threshold: float = field(default=0.5, repr=False)
+
+    @property
+    def finding(self) -> bool:
+        """Pneumonia suspected: a chest radiograph at or above the operating threshold."""
+        return self.is_chest and self.probability >= self.threshold
+
+    @property
+    def not_processed_reason(self) -> str | None:
+        return None if self.is_chest else NOT_A_CHEST_RADIOGRAPH
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _version_key(path: Path) -> tuple:
+    """Sort key so the highest release (and releases over ``-dev``) wins."""
+    version = path.stem.split("-", 1)[1] if "-" in path.stem else ""
+    core, _, suffix = version.partition("-")
+    nums = tuple(int(p) if p.isdigit() else -1 for p in core.split("."))
+    return (nums, suffix == "")
+
+
+def default_weights_path() -> Path:
+    """The shipped weights file in ``model/weights/`` (highest version)."""
+    candidates = sorted(WEIGHTS_DIR.glob("*.pt"), key=_version_key)
+    if not candidates:
+        raise WeightsError(f"no weights file (*.pt) in {WEIGHTS_DIR}")
+    return candidates[-1]
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Predictor:
+    """A loaded model. Thread-safe: calls are serialised by a lock."""
+
+    def __init__(self, weights: Path, device: str | None = None, batch_size: int = 16) -> None:
+        weights = Path(weights)
+        try:
+            payload = torch.load(weights, map_location="cpu", weights_only=False)
+        except FileNotFoundError as exc:
+            raise WeightsError(f"weights file not found: {weights}") from exc
+        except Exception as exc:  # corrupt file, wrong format
+            raise WeightsError(f"cannot read weights file {weights.name}: {exc}") from exc
+        if not isinstance(payload, dict) or payload.get("format") != 1:
+            raise WeightsError(f"{weights.name} is not a pneumo weights file (format 1)")
+        self.device = pick_device(device)
+        self.batch_size = batch_size
+        self.payload_meta = {k: v for k, v in payload.items() if k not in ("state_dict", "ood")}
+        net = build_network(NetConfig.from_dict(payload["net_config"]))
+        net.load_state_dict(payload["state_dict"])
+        net.eval().to(self.device)
+        if self.device.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+        self.net: PneumoNet = net
+        self.ood = OODModel.from_dict(payload["ood"])
+        self.info = ModelInfo(
+            name=str(payload["name"]),
+            version=str(payload["version"]),
+            sha256=_sha256(weights),
+            threshold=float(payload["threshold"]),
+            temperature=float(payload["temperature"]),
+            ood_threshold=float(self.ood.threshold),
+            input_size=int(payload["input_size"]),
+            intended_population=str(payload.get("intended_population", "")),
+            max_age_years=payload.get("max_age_years"),
+            target_sensitivity=float(payload.get("target_sensitivity", 0.95)),
+            bias=float(payload.get("bias", 0.0)),
+            path=weights.name,
+        )
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ prediction
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def logits_and_ood(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (uncalibrated TTA logits, OOD scores) per image."""
+        logits: list[np.ndarray] = []
+        scores: list[np.ndarray] = []
+        with self._lock, torch.inference_mode():
+            for i in range(0, len(images), self.batch_size):
+                chunk = images[i : i + self.batch_size]
+                x = self._to_device(to_model_batch(chunk, self.info.input_size))
+                if self.device.type == "cuda":
+                    with torch.autocast("cuda", dtype=torch.float16):
+                        lg, ft = tta_forward(self.net, x)
+                else:
+                    lg, ft = tta_forward(self.net, x)
+                logits.append(lg.float().cpu().numpy())
+                scores.append(self.ood.score(ft.float().cpu().numpy()))
+        if not logits:
+            return np.zeros(0), np.zeros(0)
+        return np.concatenate(logits), np.concatenate(scores)
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """Calibrated pneumonia probability + OOD verdict for each 2-D [0, 1] image."""
+        logits, scores = self.logits_and_ood(images)
+        t, b = self.info.temperature, self.info.bias
+        out = []
+        for lg, sc in zip(logits, scores):
+            z = float(lg) / t + b
+            p = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+            sc = float(sc)
+            out.append(
+                Prediction(
+                    probability=p,
+                    ood_score=sc,
+                    is_chest=bool(sc <= self.info.ood_threshold),
+                    threshold=self.info.threshold,
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------ explanation
+    def heatmaps(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Grad-CAM of the pneumonia logit on the last conv stage, per image.
+
+        Each map is float32 in [0, 1] with the input image's own (H, W); all zeros
+        when the model sees no positive evidence.
+        """
+        out: list[np.ndarray] = []
+        with self._lock:
+            for i in range(0, len(images), self.batch_size):
+                chunk = images[i : i + self.batch_size]
+                x = self._to_device(to_model_batch(chunk, self.info.input_size))
+                with torch.enable_grad():
+                    fmap = self.net.feature_map(x).detach().float().requires_grad_(True)
+                    logit = self.net.logit_from_features(self.net.pool(fmap))
+                    (grads,) = torch.autograd.grad(logit.sum(), fmap)
+                weights = grads.mean(dim=(2, 3), keepdim=True)
+                cams = F.relu((weights * fmap.detach()).sum(dim=1, keepdim=True))
+                for img, cam in zip(chunk, cams):
+                    h, w = np.asarray(img).shape[:2]
+                    up = F.interpolate(cam[None], size=(h, w), mode="bilinear", align_corners=False)
+                    m = up[0, 0].cpu().numpy().astype(np.float32)
+                    peak = float(m.max())
+                    out.append(m / peak if peak > 0 else np.zeros((h, w), np.float32))
+        return out
+
+
+_CACHE: dict[tuple[str, str], Predictor] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_predictor(weights: Path | None = None, device: str | None = None) -> Predictor:
+    """The process-wide :class:`Predictor` for (weights, device), loaded on first use."""
+    path = Path(weights) if weights else default_weights_path()
+    key = (str(path.resolve()), str(pick_device(device)))
+    with _CACHE_LOCK:
+        pred = _CACHE.get(key)
+        if pred is None:
+            pred = Predictor(path, device)
+            _CACHE[key] = pred
+        return pred

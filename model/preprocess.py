@@ -1,0 +1,78 @@
+"""The one preprocessing path from a float [0, 1] image to the model tensor.
+
+Used by training (``model.data``/``model.train``), evaluation and the worker
+alike, so the network sees exactly the same transform everywhere:
+
+1. :func:`resize_to_input` squash-resizes the whole image to ``INPUT_SIZE`` x
+   ``INPUT_SIZE`` (bilinear with anti-aliasing) *without* keeping the aspect
+   ratio. The Kermany test split only exists aspect-squashed at 224x224, so
+   squashing every image (train, test, DICOM) keeps the geometry identical.
+2. :func:`standardize` rescales each image to zero mean and unit variance. This
+   makes 8-bit JPEGs, 12/15-bit CR/DX (already windowed to [0, 1] by
+   ``dicom_io``) and differently exposed films look alike to the network.
+
+Training applies its augmentations between the two steps (on the resized
+[0, 1] image) and then calls :func:`standardize` itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+INPUT_SIZE: int = 224
+"""Side of the square model input, in pixels."""
+
+_MIN_SIDE = 8
+_STD_FLOOR = 1e-3  # a flat image must not blow up to +-inf
+_CLAMP = 6.0  # keeps burnt-in text / collimator edges from dominating
+
+
+def _as_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Validate a 2-D image and return it as a float32 tensor clipped to [0, 1]."""
+    t = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+    if t.ndim != 2:
+        raise ValueError(f"expected a 2-D grayscale image, got shape {tuple(t.shape)}")
+    if min(t.shape) < _MIN_SIDE:
+        raise ValueError(f"image too small for the model: {tuple(t.shape)}")
+    if t.dtype == torch.uint8:  # convenience: 8-bit images map 0..255 to [0, 1]
+        return t.to(torch.float32) / 255.0
+    t = t.to(torch.float32)
+    t = torch.nan_to_num(t, nan=0.0, posinf=1.0, neginf=0.0)
+    return t.clamp_(0.0, 1.0)
+
+
+def resize_to_input(image: np.ndarray | torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """Squash-resize a 2-D [0, 1] image to a (1, size, size) float32 tensor in [0, 1]."""
+    t = _as_tensor(image)
+    if t.shape == (size, size):
+        return t.unsqueeze(0).clone()
+    out = F.interpolate(
+        t[None, None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
+    return out[0].clamp_(0.0, 1.0)
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Per-image zero mean / unit variance over the last two dims (any leading dims)."""
+    flat = x.flatten(-2)
+    mean = flat.mean(-1, keepdim=True).unsqueeze(-1)
+    std = flat.std(-1, keepdim=True).unsqueeze(-1).clamp_min(_STD_FLOOR)
+    return ((x - mean) / std).clamp_(-_CLAMP, _CLAMP)
+
+
+def to_model_tensor(image: np.ndarray | torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """From a 2-D float [0, 1] image to the (1, S, S) float32 model tensor."""
+    return standardize(resize_to_input(image, size))
+
+
+def to_model_batch(
+    images: Sequence[np.ndarray | torch.Tensor], size: int = INPUT_SIZE
+) -> torch.Tensor:
+    """Stack :func:`to_model_tensor` of each image into an (N, 1, S, S) batch."""
+    if len(images) == 0:
+        return torch.empty((0, 1, size, size), dtype=torch.float32)
+    return torch.stack([to_model_tensor(im, size) for im in images])

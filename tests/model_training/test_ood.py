@@ -1,0 +1,135 @@
+"""The not-a-chest-radiograph guard on real non-chest DICOMs it never saw in training.
+
+The files in ``../shared/data/dicom/other`` were *not* used to fit the guard (it is
+fitted on Kermany train/validation radiographs only), so this is a real test.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.images import load_image_file
+from model.inference import load_predictor
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+# Same pixels as a real NIH chest radiograph (only the header was altered upstream).
+CHEST_PIXELS = {"udacity_aihcnd_test4.dcm", "udacity_aihcnd_test5.dcm", "udacity_aihcnd_test6.dcm"}
+CAT = "deid_cat_DX_chest.dcm"
+
+
+def _luminance_of_any_dicom(path) -> np.ndarray | None:
+    """First frame as float [0, 1] gray: ``dicom_io`` for monochrome, else pydicom + RGB->L.
+
+    The product's reader rejects colour images outright; converting them here checks
+    that the guard would stop them too if they were ever passed through.
+    """
+    import pydicom
+    from dicom_io.pixels import PixelReadError, read_pixels_file
+
+    try:
+        return read_pixels_file(path)
+    except PixelReadError as exc:
+        if exc.kind != "not-monochrome":
+            return None
+    try:
+        ds = pydicom.dcmread(path)
+        arr = ds.pixel_array
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            arr = arr[0]
+        photometric = str(ds.PhotometricInterpretation)
+        if photometric.startswith("YBR"):
+            from pydicom.pixels import convert_color_space
+
+            arr = convert_color_space(arr, photometric, "RGB")
+        elif photometric == "PALETTE COLOR":
+            from pydicom.pixels import apply_color_lut
+
+            arr = apply_color_lut(arr, ds)
+            arr = arr / max(float(arr.max()), 1.0) * 255
+        arr = np.asarray(arr, dtype=np.float32)
+        if arr.ndim == 3:
+            arr = arr[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
+        return (arr / max(float(arr.max()), 1.0)).astype(np.float32)
+    except Exception:
+        return None
+
+
+# Non-chest files the 1.0.0 guard lets through (documented in the model card): a 64x64
+# MR head (two encodings) and a synthetic grey-squares test pattern. xfail, not hidden.
+KNOWN_MISSES = {
+    "emri_small_RLE.dcm": "64x64 MR head slice scores like a chest film",
+    "emri_small_jpeg_ls_lossless.dcm": "64x64 MR head slice scores like a chest film",
+    "image_dfl.dcm": "synthetic grey-squares test pattern scores like a chest film",
+}
+
+
+def _other_names() -> list[str]:
+    index = SHARED / "dicom" / "other" / "index.csv"
+    if not index.exists():
+        return []
+    with open(index, newline="") as f:
+        return [row["file"].split("/", 1)[1] for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def other_images(shared):
+    pytest.importorskip("dicom_io.pixels", reason="dicom_io.pixels not available")
+    folder = shared / "dicom" / "other"
+    out = {}
+    for name in _other_names():
+        img = _luminance_of_any_dicom(folder / name)
+        if img is not None and img.ndim == 2 and min(img.shape) >= 8:
+            out[name] = img
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_predictions(other_images):
+    pred = load_predictor()
+    return dict(zip(other_images, pred.predict(list(other_images.values()))))
+
+
+def test_enough_non_chest_material_is_decodable(other_images) -> None:
+    non_chest = set(other_images) - CHEST_PIXELS - {CAT}
+    assert len(non_chest) >= 20  # CT, MR, US, NM, photographs, colour images
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_MISSES[n], strict=False))
+        if n in KNOWN_MISSES else n
+        for n in _other_names()
+        if n not in CHEST_PIXELS | {CAT}
+    ],
+)
+def test_guard_flags_non_chest_file(other_predictions, name) -> None:
+    if name not in other_predictions:
+        pytest.skip(f"{name}: no decodable image (broken, non-image or too small)")
+    result = other_predictions[name]
+    assert not result.is_chest, f"{name}: ood_score {result.ood_score:.2f} passed the guard"
+    assert not result.finding
+
+
+def test_guard_passes_real_chest_radiographs(shared, other_images, capsys) -> None:
+    pred = load_predictor()
+    from dicom_io.pixels import read_pixels_file
+
+    cxr = [read_pixels_file(p) for p in sorted((shared / "dicom" / "cxr").glob("*.dcm"))]
+    cxr += [other_images[k] for k in sorted(CHEST_PIXELS) if k in other_images]
+    jpegs = sorted((shared / "kermany" / "test" / "NORMAL").glob("*.jpeg"))[:10]
+    jpegs += sorted((shared / "kermany" / "test" / "PNEUMONIA").glob("*.jpeg"))[:10]
+    results = pred.predict(cxr + [load_image_file(p) for p in jpegs])
+    flagged = [round(r.ood_score, 2) for r in results if not r.is_chest]
+    assert not flagged, f"real chest radiographs flagged as non-chest: {flagged}"
+    if CAT in other_images:  # reported, not asserted: a feline thorax is a radiograph too
+        cat = pred.predict([other_images[CAT]])[0]
+        with capsys.disabled():
+            print(f"\n[ood] cat DX chest: ood_score={cat.ood_score:.2f} "
+                  f"(threshold {pred.info.ood_threshold:.2f}) is_chest={cat.is_chest} "
+                  f"p={cat.probability:.3f}")

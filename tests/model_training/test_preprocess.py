@@ -1,0 +1,106 @@
+"""One preprocessing path: shapes, invariances, and DICOM/JPEG parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.images import ImageLoadError, load_image_file
+from model.preprocess import INPUT_SIZE, to_model_batch, to_model_tensor
+
+
+def test_tensor_shape_and_standardisation() -> None:
+    rng = np.random.default_rng(0)
+    img = rng.random((300, 410), dtype=np.float32)
+    t = to_model_tensor(img)
+    assert t.shape == (1, INPUT_SIZE, INPUT_SIZE) and t.dtype == torch.float32
+    assert abs(float(t.mean())) < 1e-3 and abs(float(t.std()) - 1) < 1e-2
+
+
+def test_affine_intensity_changes_do_not_change_the_tensor() -> None:
+    """Window/level or bit depth differences (a*x+b) vanish: same image -> same tensor."""
+    rng = np.random.default_rng(1)
+    img = rng.random((256, 256)).astype(np.float32)
+    a = to_model_tensor(img)
+    b = to_model_tensor(0.25 + 0.5 * img)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_flat_image_is_finite_and_bad_shapes_are_rejected() -> None:
+    assert torch.isfinite(to_model_tensor(np.full((64, 64), 0.3, np.float32))).all()
+    with pytest.raises(ValueError):
+        to_model_tensor(np.zeros((64, 64, 3), np.float32))
+    with pytest.raises(ValueError):
+        to_model_tensor(np.zeros((4, 4), np.float32))
+    nan = np.full((64, 64), np.nan, np.float32)
+    assert torch.isfinite(to_model_tensor(nan)).all()
+
+
+def test_batch_equals_stacked_tensors() -> None:
+    rng = np.random.default_rng(2)
+    imgs = [rng.random((100 + 10 * i, 120), dtype=np.float32) for i in range(3)]
+    batch = to_model_batch(imgs)
+    assert batch.shape == (3, 1, INPUT_SIZE, INPUT_SIZE)
+    for i, im in enumerate(imgs):
+        assert torch.equal(batch[i], to_model_tensor(im))
+    assert to_model_batch([]).shape == (0, 1, INPUT_SIZE, INPUT_SIZE)
+
+
+def test_load_image_file_converts_colour_and_rejects_garbage(tmp_path) -> None:
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[..., 1] = 255  # pure green -> luminance 0.587
+    Image.fromarray(rgb).save(tmp_path / "g.png")
+    Image.fromarray(np.dstack([rgb, np.full((20, 30), 255, np.uint8)])).save(tmp_path / "a.png")
+    for name in ("g.png", "a.png"):
+        arr = load_image_file(tmp_path / name)
+        assert arr.shape == (20, 30) and arr.dtype == np.float32
+        assert np.allclose(arr, 150 / 255, atol=1 / 255)  # PIL "L": 0.587*255 = 149.7
+    (tmp_path / "bad.jpeg").write_bytes(b"not an image at all")
+    with pytest.raises(ImageLoadError):
+        load_image_file(tmp_path / "bad.jpeg")
+
+
+def _dicom_from_pixels(path, pixels: np.ndarray, *, monochrome1: bool = False, bits: int = 8):
+    """A minimal DX-like DICOM holding ``pixels`` (uint8/uint16), written with pydicom."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.BitsAllocated = 8 if bits == 8 else 16
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("variant", ["8bit", "12bit-monochrome1"])
+def test_dicom_and_its_jpeg_give_the_same_tensor(kermany, tmp_path, variant) -> None:
+    pixels_mod = pytest.importorskip(
+        "dicom_io.pixels", reason="dicom_io.pixels (the DICOM pixel reader) not available"
+    )
+    jpeg = sorted((kermany / "train" / "PNEUMONIA").glob("*.jpeg"))[0]
+    with Image.open(jpeg) as im:
+        gray = np.asarray(im.convert("L"))
+    if variant == "8bit":
+        stored, mono1, bits = gray.astype(np.uint8), False, 8
+    else:  # 12-bit, inverted storage: what a CR/DX in MONOCHROME1 would carry
+        stored, mono1, bits = ((255 - gray.astype(np.uint16)) * 16 + 7).astype(np.uint16), True, 12
+    dcm = _dicom_from_pixels(tmp_path / "x.dcm", stored, monochrome1=mono1, bits=bits)
+    from_dicom = to_model_tensor(pixels_mod.read_pixels_file(dcm))
+    from_jpeg = to_model_tensor(load_image_file(jpeg))
+    assert from_dicom.shape == from_jpeg.shape
+    assert float((from_dicom - from_jpeg).abs().max()) < 1e-3
