@@ -63,6 +63,14 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=16, ge=1)
     task_time_limit_seconds: int = Field(default=600, ge=10)
     task_max_retries: int = Field(default=3, ge=0)
+    task_retry_backoff_seconds: float = Field(default=5.0, ge=0)
+    torch_threads: int = Field(
+        default=0, ge=0, description="CPU threads per worker process; 0 = cores / processes"
+    )
+    worker_warmup: bool = True  # load the model when a worker process starts
+    heatmap_max_side: int = Field(
+        default=1024, ge=0, description="longest side of the heatmap SC; 0 = source size"
+    )
     intended_max_age_years: int = Field(default=17, ge=0)
 
     @field_validator("ae_title")

@@ -1,0 +1,1 @@
+"""Persistence: the typed ORM schema, migrations and queries. Imports nothing of ours."""

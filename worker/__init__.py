@@ -1,0 +1,1 @@
+"""The Celery pipeline from a received study to a stored, delivered result."""
