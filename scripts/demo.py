@@ -27,6 +27,7 @@ SAMPLES = REPO / "samples" / "studies"
 DATA_DIR = REPO / "var" / "demo"
 PNEUMO = [sys.executable, "-m", "pneumo.cli"]
 TIMEOUT_SECONDS = 600
+FINISHED = {"done", "dead-letter"}  # "failed" means a retry is still to come
 
 
 def free_port() -> int:
@@ -89,7 +90,10 @@ def main() -> int:
     env.pop("PNEUMO_DATABASE_URL", None)
     env.pop("PNEUMO_BROKER_URL", None)
     print(f"== starting pneumo (embedded: SQLite + server-less broker under {DATA_DIR.relative_to(REPO)})")
-    up = subprocess.Popen([*PNEUMO, "up"], env=env, cwd=REPO)
+    log_path = DATA_DIR / "pneumo.log"
+    log = log_path.open("w")
+    print(f"   its log: {log_path.relative_to(REPO)}")
+    up = subprocess.Popen([*PNEUMO, "up"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + TIMEOUT_SECONDS
         wait_for_listener(port, deadline)
@@ -97,23 +101,25 @@ def main() -> int:
         print(f"== sending {study_count} sample studies to PNEUMO@127.0.0.1:{port}")
         subprocess.run(
             [*PNEUMO, "send", str(SAMPLES), "--to", f"PNEUMO@127.0.0.1:{port}", "--calling-ae", "DEMOPACS"],
-            env=env, check=True,
+            env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         print("== waiting for results")
         while True:
             rows = results(env)
-            finished = [r for r in rows if r.get("status") in {"done", "failed", "dead-letter"}]
+            finished = [r for r in rows if r.get("study_status") in FINISHED]
             if len(finished) >= study_count:
                 break
             if time.monotonic() > deadline:
                 raise SystemExit(f"timed out: {len(finished)}/{study_count} studies finished")
             time.sleep(1)
         # Let the delivery tasks reach the stand-in PACS.
-        expected = sum(1 for r in rows if r.get("status") == "done")
+        expected = sum(1 for r in rows if r.get("study_status") == "done")
         while len(list(pacs_dir.glob("*.dcm"))) < expected and time.monotonic() < deadline:
             time.sleep(0.5)
         print("== results")
         subprocess.run([*PNEUMO, "results"], env=env, check=True)
+        print("== status")
+        subprocess.run([*PNEUMO, "status"], env=env, check=True)
         print("== result objects written by pneumo (SR + heatmap Secondary Capture):")
         for path in sorted((DATA_DIR / "results").rglob("*.dcm")):
             print(f"   {path.relative_to(REPO)}")
@@ -127,6 +133,7 @@ def main() -> int:
             up.wait(timeout=30)
         except subprocess.TimeoutExpired:
             up.kill()
+        log.close()
         pacs.shutdown()
 
 
