@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import math
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from model.inference import sha256_file
 
 METRIC_ORDER = (
     "roc_auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "pr_auc",
@@ -69,14 +70,6 @@ LIMITATIONS = (
 )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _value(entry: Any) -> float | None:
     if isinstance(entry, Mapping):
         v = entry.get("value")
@@ -108,7 +101,7 @@ def build_card(
     n_params = int(sum(v.numel() for k, v in payload["state_dict"].items()
                        if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))))
     tr = payload.get("training", {})
-    sha = _sha256(weights)
+    sha = sha256_file(weights)
     evals = {}
     for name, m in evaluations.items():
         evals[name] = {k: m[k] for k in METRIC_ORDER if k in m}

@@ -75,7 +75,8 @@ class Prediction:
         return None if self.is_chest else NOT_A_CHEST_RADIOGRAPH
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file (the identity results record for a weights file)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -131,7 +132,7 @@ class Predictor:
         self.info = ModelInfo(
             name=str(payload["name"]),
             version=str(payload["version"]),
-            sha256=_sha256(weights),
+            sha256=sha256_file(weights),
             threshold=float(payload["threshold"]),
             temperature=float(payload["temperature"]),
             ood_threshold=float(self.ood.threshold),

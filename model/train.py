@@ -235,14 +235,6 @@ def _subset(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
     return sorted(out, key=lambda s: str(s.path))
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _portable(value: object) -> str:
     """A config value for the shipped file: paths relative to the repo's parent, never absolute."""
     if isinstance(value, Path):
