@@ -83,18 +83,3 @@ def threshold_for_sensitivity(
         raise ValueError("no positive samples to set a sensitivity threshold on")
     k = int(math.ceil(target * pos.size))  # need at least k positives at or above t
     return float(pos[max(k, 1) - 1])
-
-
-def expected_calibration_error(
-    probabilities: np.ndarray, labels: np.ndarray, n_bins: int = 15
-) -> float:
-    """ECE with equal-width bins over the positive-class probability."""
-    p = np.asarray(probabilities, dtype=np.float64)
-    y = np.asarray(labels, dtype=np.float64)
-    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        m = bins == b
-        if m.any():
-            ece += m.mean() * abs(p[m].mean() - y[m].mean())
-    return float(ece)

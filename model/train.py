@@ -50,11 +50,11 @@ from tqdm import tqdm
 
 from model.calibration import (
     apply_temperature,
-    expected_calibration_error,
     fit_platt,
     threshold_for_sensitivity,
 )
 from model.data import Sample, list_samples, load_pixels, patient_split
+from model.metrics import expected_calibration_error
 from model.network import NetConfig, PneumoNet, build_network, tta_forward
 from model.ood import fit_ood
 from model.preprocess import INPUT_SIZE, standardize
@@ -428,8 +428,8 @@ def _calibrate_and_export(
         "roc_auc": _auc(va_y, va_prob),
         "sensitivity": float((pred & yb).sum() / max(yb.sum(), 1)),
         "specificity": float((~pred & ~yb).sum() / max((~yb).sum(), 1)),
-        "ece_uncalibrated": expected_calibration_error(apply_temperature(va_logits, 1.0), va_y),
-        "ece": expected_calibration_error(va_prob, va_y),
+        "ece_uncalibrated": expected_calibration_error(va_y, apply_temperature(va_logits, 1.0)),
+        "ece": expected_calibration_error(va_y, va_prob),
         "ood_flagged_fraction": float((ood.score(va_feats) > ood.threshold).mean()),
     }
     log.info("validation: %s", val_summary)

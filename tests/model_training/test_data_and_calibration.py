@@ -7,11 +7,11 @@ import pytest
 
 from model.calibration import (
     apply_temperature,
-    expected_calibration_error,
     fit_temperature,
     threshold_for_sensitivity,
 )
 from model.data import list_samples, patient_of, patient_split
+from model.metrics import expected_calibration_error
 
 
 @pytest.mark.parametrize(
@@ -49,8 +49,8 @@ def test_fit_temperature_recovers_the_generating_temperature() -> None:
     y = rng.random(z.size) < 1 / (1 + np.exp(-z / 2.5))  # true temperature 2.5
     t = fit_temperature(z, y.astype(int))
     assert abs(t - 2.5) < 0.15
-    ece_raw = expected_calibration_error(apply_temperature(z, 1.0), y)
-    ece_cal = expected_calibration_error(apply_temperature(z, t), y)
+    ece_raw = expected_calibration_error(y, apply_temperature(z, 1.0))
+    ece_cal = expected_calibration_error(y, apply_temperature(z, t))
     assert ece_cal < ece_raw / 3
 
 
