@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
-from dicom_io.config import Destination, ListenerConfig, TLSConfig, validate_ae_title
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -22,6 +21,9 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from dicom_io.config import Destination, ListenerConfig, TLSConfig, validate_ae_title
+from worker.config import WorkerConfig
 
 def _comma_list(value: Any) -> Any:
     if isinstance(value, str):
@@ -150,10 +152,34 @@ class Settings(BaseSettings):
             max_associations=self.max_associations,
             max_pdu=self.max_pdu,
             spool_reserve_bytes=self.spool_reserve_mb * 1024 * 1024,
-            max_image_pixels_bits=self.max_image_pixels_bits,
             study_quiet_seconds=self.study_quiet_seconds,
             study_release_grace_seconds=self.study_release_grace_seconds,
             tls=self.tls_config(),
+        )
+
+
+    def worker_config(self) -> WorkerConfig:
+        """The worker layer's configuration derived from these settings."""
+        return WorkerConfig(
+            database_url=self.effective_database_url,
+            broker_url=self.effective_broker_url,
+            data_dir=self.data_dir,
+            results_dir=self.results_dir,
+            ae_title=self.ae_title,
+            destinations=tuple(self.destinations),
+            tls=self.tls_config(),
+            send_retries=self.send_retries,
+            send_backoff_seconds=self.send_backoff_seconds,
+            model_path=self.model_path,
+            batch_size=self.batch_size,
+            task_time_limit_seconds=self.task_time_limit_seconds,
+            task_max_retries=self.task_max_retries,
+            task_retry_backoff_seconds=self.task_retry_backoff_seconds,
+            torch_threads=self.torch_threads,
+            worker_warmup=self.worker_warmup,
+            heatmap_max_side=self.heatmap_max_side,
+            intended_max_age_years=self.intended_max_age_years,
+            max_image_pixels_bits=self.max_image_pixels_bits,
         )
 
 

@@ -1,0 +1,69 @@
+"""What the worker layer needs to know, as one frozen value.
+
+``pneumo.settings.Settings.worker_config()`` builds it (as ``listener_config()``
+builds :class:`dicom_io.config.ListenerConfig`); nothing in ``worker`` reads
+the environment or imports ``pneumo``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dicom_io.config import Destination, TLSConfig
+
+__all__ = ["WorkerConfig"]
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Configuration of the Celery app, its tasks and the pipeline stages.
+
+    Raises:
+        ValueError: from ``__post_init__`` when a limit is out of range (the
+            offending field is named).
+    """
+
+    database_url: str
+    """SQLAlchemy URL of the results database."""
+    broker_url: str
+    """Celery broker URL (``redis://``, ``rediss://`` or ``redis+socket://``)."""
+    data_dir: Path
+    """Root of the spool, the results and the embedded services' files."""
+    results_dir: Path
+    """Where SR and Secondary Capture files are written, one folder per study."""
+    ae_title: str = "PNEUMO"
+    """Our AE title, the calling AE when results are sent."""
+    destinations: tuple[Destination, ...] = ()
+    """Where results are sent (C-STORE)."""
+    tls: TLSConfig | None = None
+    """DICOM TLS for outbound associations."""
+    send_retries: int = 3
+    send_backoff_seconds: float = 2.0
+    model_path: Path | None = None
+    """Weights file; None = the newest shipped weights."""
+    batch_size: int = 16
+    """Images per forward pass."""
+    task_time_limit_seconds: int = 600
+    task_max_retries: int = 3
+    task_retry_backoff_seconds: float = 5.0
+    torch_threads: int = 0
+    """CPU threads per worker process; 0 = leave torch's default."""
+    worker_warmup: bool = True
+    """Load the model when a worker process starts, not on its first study."""
+    heatmap_max_side: int = 1024
+    """Longest side of the heatmap SC; 0 = source size."""
+    intended_max_age_years: int = 17
+    """Upper age of the intended population when the model card gives none."""
+    max_image_pixels_bits: int = 16384 * 16384 * 16
+    """Refuse to decode images larger than this (decompression bombs)."""
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+    """Free-form values for tests and tools; never read by the pipeline."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "task_time_limit_seconds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("send_retries", "task_max_retries", "torch_threads", "heatmap_max_side"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
