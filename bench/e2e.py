@@ -11,7 +11,7 @@ X-ray, resized) with pynetdicom.
     listener in the database) and processing (queued → SR acknowledged).
 (b) throughput: N studies back to back (one association each), with 1 and 2
     worker processes: N / (first send → last SR acknowledged).
-(c) the same on the embedded default (SQLite + server-less broker).
+(c) the same on the embedded default (SQLite + the private redis-server broker).
 
     .venv/bin/python bench/e2e.py                    # the sizes
     .venv/bin/python bench/e2e.py --latency-studies 10 --throughput-studies 50
@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,7 @@ def free_port() -> int:
 def template_pixels(size: int) -> np.ndarray:
     jpeg = sorted((SHARED / "kermany" / "test" / "PNEUMONIA").glob("*.jpeg"))[0]
     img = Image.open(jpeg).convert("L").resize((size, size), Image.BILINEAR)
-    return (np.asarray(img, dtype=np.uint16) << 4)  # 12-bit stored in 16
+    return np.asarray(img, dtype=np.uint16) << 4  # 12-bit stored in 16
 
 
 def make_study(pixels: np.ndarray) -> Dataset:
@@ -105,8 +105,9 @@ class Pacs:
                     self.arrived.notify_all()
             return 0x0000
 
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+        )
 
     def wait_for(self, uids: set[str], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -156,28 +157,47 @@ class Stack:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+        if "PNEUMO_BROKER_URL" not in self.env:  # the embedded redis-server outlives them
+            from worker import embedded_broker
+
+            embedded_broker.stop(Path(self.env["PNEUMO_DATA_DIR"]))
 
 
-def start_stack(name: str, workdir: Path, pacs: Pacs, concurrency: int,
-                extra: dict[str, str]) -> Stack:
+def start_stack(
+    name: str, workdir: Path, pacs: Pacs, concurrency: int, extra: dict[str, str]
+) -> Stack:
     from pneumo.settings import Settings
 
     port = free_port()
     data_dir = workdir / f"{name}-{concurrency}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PNEUMO_")}
-    env.update(PNEUMO_DATA_DIR=str(data_dir), PNEUMO_HOST="127.0.0.1", PNEUMO_PORT=str(port),
-               PNEUMO_DESTINATIONS=f"PACS@127.0.0.1:{pacs.port}", **extra)
-    url = Settings(data_dir=data_dir, database_url=extra.get("PNEUMO_DATABASE_URL"),
-                   broker_url=extra.get("PNEUMO_BROKER_URL")).effective_database_url
+    env.update(
+        PNEUMO_DATA_DIR=str(data_dir),
+        PNEUMO_HOST="127.0.0.1",
+        PNEUMO_PORT=str(port),
+        PNEUMO_DESTINATIONS=f"PACS@127.0.0.1:{pacs.port}",
+        **extra,
+    )
+    url = Settings(
+        data_dir=data_dir,
+        database_url=extra.get("PNEUMO_DATABASE_URL"),
+        broker_url=extra.get("PNEUMO_BROKER_URL"),
+    ).effective_database_url
     cli = [sys.executable, "-m", "pneumo.cli"]
     subprocess.run([*cli, "db", "upgrade"], env=env, check=True, capture_output=True)
     data_dir.mkdir(parents=True, exist_ok=True)
     logs = open(data_dir / "processes.log", "ab")
     procs = [
-        subprocess.Popen([*cli, "listen"], env=env, stdout=logs, stderr=logs,
-                         start_new_session=True),
-        subprocess.Popen([*cli, "worker", "--concurrency", str(concurrency)], env=env,
-                         stdout=logs, stderr=logs, start_new_session=True),
+        subprocess.Popen(
+            [*cli, "listen"], env=env, stdout=logs, stderr=logs, start_new_session=True
+        ),
+        subprocess.Popen(
+            [*cli, "worker", "--concurrency", str(concurrency)],
+            env=env,
+            stdout=logs,
+            stderr=logs,
+            start_new_session=True,
+        ),
     ]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -202,7 +222,7 @@ def queued_times(url: str, uids: list[str]) -> dict[str, float]:
     out = {}
     for uid, queued in rows:
         if queued is not None:
-            queued = queued if queued.tzinfo else queued.replace(tzinfo=timezone.utc)
+            queued = queued if queued.tzinfo else queued.replace(tzinfo=UTC)
             out[uid] = queued.timestamp()
     return out
 
@@ -225,9 +245,12 @@ def run_latency(stack: Stack, pacs: Pacs, pixels: np.ndarray, n: int) -> dict[st
     wait = [queued[u] - sent[u] for u in sent]
     processing = [pacs.sr_at[u] - queued[u] for u in sent]
     return {
-        "total_p50": pct(total, 50), "total_p95": pct(total, 95),
-        "wait_p50": pct(wait, 50), "wait_p95": pct(wait, 95),
-        "proc_p50": pct(processing, 50), "proc_p95": pct(processing, 95),
+        "total_p50": pct(total, 50),
+        "total_p95": pct(total, 95),
+        "wait_p50": pct(wait, 50),
+        "wait_p95": pct(wait, 95),
+        "proc_p50": pct(processing, 50),
+        "proc_p95": pct(processing, 95),
     }
 
 
@@ -257,8 +280,13 @@ def production_env() -> tuple[dict[str, str], str] | None:
     except Exception as exc:
         print(f"production stack unavailable ({type(exc).__name__}); skipped")
         return None
-    return ({"PNEUMO_BROKER_URL": REDIS,
-             "PNEUMO_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"}, name)
+    return (
+        {
+            "PNEUMO_BROKER_URL": REDIS,
+            "PNEUMO_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
+        },
+        name,
+    )
 
 
 def drop_database(name: str) -> None:
@@ -273,8 +301,15 @@ def drop_database(name: str) -> None:
     admin.dispose()
 
 
-def bench_stack(name: str, extra: dict[str, str], workers: int, tmp: Path, pacs: Pacs,
-                pixels: np.ndarray, args: argparse.Namespace) -> list[str]:
+def bench_stack(
+    name: str,
+    extra: dict[str, str],
+    workers: int,
+    tmp: Path,
+    pacs: Pacs,
+    pixels: np.ndarray,
+    args: argparse.Namespace,
+) -> list[str]:
     rows: list[str] = []
     if extra.get("PNEUMO_BROKER_URL"):
         import redis
@@ -345,8 +380,10 @@ def main() -> int:
             pacs.stop()
 
     print()
-    print(f"pneumo end-to-end benchmark: {args.size}x{args.size} single-image DX studies, "
-          f"{os.cpu_count()} CPU core(s), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(
+        f"pneumo end-to-end benchmark: {args.size}x{args.size} single-image DX studies, "
+        f"{os.cpu_count()} CPU core(s), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
     for row in rows:
         print(row)
     return 0

@@ -25,9 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,8 +124,11 @@ class RssSampler(threading.Thread):
 def wait_echo(port: int, ae: str) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        r = subprocess.run(["/usr/bin/echoscu", "-aec", ae, "127.0.0.1", str(port)],
-                           env=DCMTK_ENV, capture_output=True)
+        r = subprocess.run(
+            ["/usr/bin/echoscu", "-aec", ae, "127.0.0.1", str(port)],
+            env=DCMTK_ENV,
+            capture_output=True,
+        )
         if r.returncode == 0:
             return
         time.sleep(0.1)
@@ -138,7 +141,8 @@ _NOOP_SCP = """
 import sys
 from pynetdicom import AE, evt, ALL_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import Verification
-from dicom_io.listener import server_contexts, storage_sop_classes, tune_connection
+from dicom_io.listener import storage_sop_classes
+from dicom_io.tuning import server_contexts, tune_connection
 ae = AE(ae_title="PNEUMO")
 ae.maximum_pdu_size = int(sys.argv[2])
 ae.maximum_associations = 8
@@ -154,23 +158,56 @@ ae.start_server(("127.0.0.1", int(sys.argv[1])), block=True, contexts=server_con
 def start_receiver(kind: str, out: Path, port: int) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     if kind == "noop":
-        proc = subprocess.Popen([sys.executable, "-c", _NOOP_SCP, str(port), str(MAX_PDU)],
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _NOOP_SCP, str(port), str(MAX_PDU)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_echo(port, "PNEUMO")
     elif kind == "pneumo":
-        cmd = [sys.executable, "-m", "dicom_io", "listen", "--host", "127.0.0.1",
-               "--port", str(port), "--spool", str(out), "--max-pdu", str(MAX_PDU),
-               "--reserve-mb", "0", "--quiet", "2", "--max-associations", "8"]
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "dicom_io",
+            "listen",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--spool",
+            str(out),
+            "--max-pdu",
+            str(MAX_PDU),
+            "--reserve-mb",
+            "0",
+            "--quiet",
+            "2",
+            "--max-associations",
+            "8",
+        ]
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
         line = proc.stdout.readline()  # {"event": "listening", ...}
         assert json.loads(line)["event"] == "listening", line
         wait_echo(port, "PNEUMO")
     else:
-        cmd = ["/usr/bin/storescp", "--fork", "+xa", "--max-pdu", str(MAX_PDU),
-               "-aet", "PNEUMO", "-od", str(out), str(port)]
-        proc = subprocess.Popen(cmd, env=DCMTK_ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        cmd = [
+            "/usr/bin/storescp",
+            "--fork",
+            "+xa",
+            "--max-pdu",
+            str(MAX_PDU),
+            "-aet",
+            "PNEUMO",
+            "-od",
+            str(out),
+            str(port),
+        ]
+        proc = subprocess.Popen(
+            cmd, env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         wait_echo(port, "PNEUMO")
     return proc
 
@@ -209,8 +246,9 @@ def durable_commit_ms(folder: Path, size: int, repeat: int = 40) -> float:
     return statistics.median(times) * 1e3
 
 
-def run_one(kind: str, dataset: str, files: list[Path], folders: list[Path],
-            associations: int, work: Path) -> Run:
+def run_one(
+    kind: str, dataset: str, files: list[Path], folders: list[Path], associations: int, work: Path
+) -> Run:
     port = free_port()
     out = work / f"recv-{kind}"
     shutil.rmtree(out, ignore_errors=True)
@@ -224,15 +262,28 @@ def run_one(kind: str, dataset: str, files: list[Path], folders: list[Path],
     t0 = time.perf_counter()
     senders = [
         subprocess.Popen(
-            ["/usr/bin/storescu", "-aec", "PNEUMO", "--max-pdu", str(MAX_PDU), "+sd", "-R",
-             "127.0.0.1", str(port), *map(str, g)],
-            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            [
+                "/usr/bin/storescu",
+                "-aec",
+                "PNEUMO",
+                "--max-pdu",
+                str(MAX_PDU),
+                "+sd",
+                "-R",
+                "127.0.0.1",
+                str(port),
+                *map(str, g),
+            ],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for g in groups
     ]
     errors = [s.communicate()[1] for s in senders]
     seconds = time.perf_counter() - t0
-    failed = [e for s, e in zip(senders, errors) if s.returncode != 0]
+    failed = [e for s, e in zip(senders, errors, strict=True) if s.returncode != 0]
     if sampler:
         sampler.stop_flag.set()
         sampler.join()
@@ -244,8 +295,15 @@ def run_one(kind: str, dataset: str, files: list[Path], folders: list[Path],
         raise RuntimeError(f"{kind}: only {len(received)} of {len(files)} files received")
     shutil.rmtree(out, ignore_errors=True)
     mbytes = sum(f.stat().st_size for f in files) / 1e6
-    return Run(kind, dataset, associations, len(files), mbytes, seconds,
-               sampler.peak / 2**20 if sampler else None)
+    return Run(
+        kind,
+        dataset,
+        associations,
+        len(files),
+        mbytes,
+        seconds,
+        sampler.peak / 2**20 if sampler else None,
+    )
 
 
 def median_run(trials: list[Run]) -> Run:
@@ -253,9 +311,16 @@ def median_run(trials: list[Run]) -> Run:
     ordered = sorted(trials, key=lambda r: r.seconds)
     mid = ordered[len(ordered) // 2]
     peaks = [r.peak_rss_mb for r in trials if r.peak_rss_mb is not None]
-    return Run(mid.receiver, mid.dataset, mid.associations, mid.instances, mid.mbytes,
-               mid.seconds, max(peaks) if peaks else None,
-               spread=(ordered[0].seconds, ordered[-1].seconds))
+    return Run(
+        mid.receiver,
+        mid.dataset,
+        mid.associations,
+        mid.instances,
+        mid.mbytes,
+        mid.seconds,
+        max(peaks) if peaks else None,
+        spread=(ordered[0].seconds, ordered[-1].seconds),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,11 +328,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large", type=int, default=200, help="number of 2048x2048 instances")
     parser.add_argument("--small", type=int, default=500, help="number of 512x512 instances")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="rounds per configuration; the table shows the median (default 3)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds per configuration; the table shows the median (default 3)",
+    )
     parser.add_argument("--workdir", type=Path, help="temp dir (default: system temp)")
-    parser.add_argument("--no-floor", action="store_true",
-                        help="skip the pynetdicom no-op receiver (the floor without any storage)")
+    parser.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the pynetdicom no-op receiver (the floor without any storage)",
+    )
     args = parser.parse_args(argv)
     for tool in ("storescu", "storescp", "echoscu"):
         if not Path("/usr/bin", tool).exists():
@@ -283,12 +355,18 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             files = make_files(src, count, size)
             folders = sorted(p for p in src.iterdir() if p.is_dir())
-            print(f"generated {count} x {name} ({sum(f.stat().st_size for f in files)/1e6:.0f} MB)"
-                  f" in {time.perf_counter()-t:.1f}s", file=sys.stderr)
+            print(
+                f"generated {count} x {name} ({sum(f.stat().st_size for f in files) / 1e6:.0f} MB)"
+                f" in {time.perf_counter() - t:.1f}s",
+                file=sys.stderr,
+            )
             subprocess.run(["sync"])
             commit_ms[name] = durable_commit_ms(work / "commit-probe", files[0].stat().st_size)
-            print(f"  durable commit (write, fsync, rename, fsync dir) of one {name} file: "
-                  f"{commit_ms[name]:.2f} ms", file=sys.stderr)
+            print(
+                f"  durable commit (write, fsync, rename, fsync dir) of one {name} file: "
+                f"{commit_ms[name]:.2f} ms",
+                file=sys.stderr,
+            )
             for associations in (1, 4):
                 kinds = ("storescp", "pneumo") if args.no_floor else ("storescp", "noop", "pneumo")
                 # Rounds interleave the receivers so a burst of load from other
@@ -298,8 +376,11 @@ def main(argv: list[str] | None = None) -> int:
                 for round_no in range(args.repeat):
                     for kind in kinds:
                         run = run_one(kind, name, files, folders, associations, work)
-                        print(f"  {kind:8s} {name} x{associations} round {round_no + 1}: "
-                              f"{run.mb_s:7.1f} MB/s {run.inst_s:7.1f} inst/s", file=sys.stderr)
+                        print(
+                            f"  {kind:8s} {name} x{associations} round {round_no + 1}: "
+                            f"{run.mb_s:7.1f} MB/s {run.inst_s:7.1f} inst/s",
+                            file=sys.stderr,
+                        )
                         trials[kind].append(run)
                 for kind in kinds:
                     runs.append(median_run(trials[kind]))
@@ -330,8 +411,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{'' if r.peak_rss_mb is None else f'{r.peak_rss_mb:.0f}'} |"
         )
     lines.append("")
-    lines.append("durable commit alone, serial, same file system (median): " + ", ".join(
-        f"{name} {ms:.2f} ms" for name, ms in commit_ms.items()))
+    lines.append(
+        "durable commit alone, serial, same file system (median): "
+        + ", ".join(f"{name} {ms:.2f} ms" for name, ms in commit_ms.items())
+    )
     for r in runs:
         # The bound matters for the instances/s target (small instances); for
         # 8 MB instances the serial probe mostly measures disk bandwidth.
@@ -341,17 +424,22 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(
                 f"ceiling over 1 association for {r.dataset} with a durable Success "
                 f"(1 / (noop s/inst + commit)): {ceiling:.1f} inst/s = "
-                f"{ceiling / b.inst_s:.2f} x storescp")
+                f"{ceiling / b.inst_s:.2f} x storescp"
+            )
     large = [r for r in runs if r.receiver == "pneumo" and r.dataset == "2048x2048"]
     small = [r for r in runs if r.receiver == "pneumo" and r.dataset == "512x512"]
     lines.append("")
     lines.append(
         "targets: 2048x2048 MB/s ratio >= 0.8: "
-        + ", ".join(f"x{r.associations} {r.mb_s / base[(r.dataset, r.associations)].mb_s:.2f}"
-                    for r in large)
+        + ", ".join(
+            f"x{r.associations} {r.mb_s / base[(r.dataset, r.associations)].mb_s:.2f}"
+            for r in large
+        )
         + "; 512x512 inst/s ratio >= 0.5: "
-        + ", ".join(f"x{r.associations} {r.inst_s / base[(r.dataset, r.associations)].inst_s:.2f}"
-                    for r in small)
+        + ", ".join(
+            f"x{r.associations} {r.inst_s / base[(r.dataset, r.associations)].inst_s:.2f}"
+            for r in small
+        )
         + f"; listener peak RSS < 300 MB: {max((r.peak_rss_mb or 0) for r in runs):.0f} MB"
     )
     table = "\n".join(lines)

@@ -12,7 +12,7 @@ names, no birth dates.
 from __future__ import annotations
 
 import enum
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -34,6 +34,26 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Deterministic constraint names, so migrations and models agree on every dialect.
+__all__ = [
+    "Base",
+    "Delivery",
+    "DeliveryStatus",
+    "ImageResult",
+    "Instance",
+    "Job",
+    "JobKind",
+    "JobStatus",
+    "ModelVersion",
+    "NAMING_CONVENTION",
+    "Result",
+    "ResultStatus",
+    "SelectionStatus",
+    "Study",
+    "StudyStatus",
+    "UID_LENGTH",
+    "utcnow",
+]
+
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -46,7 +66,7 @@ UID_LENGTH = 64  # PS3.5 §9.1
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class StudyStatus(str, enum.Enum):
@@ -151,9 +171,7 @@ class Study(Base):
     completed_at: Mapped[datetime | None] = mapped_column(nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text)  # never PHI: exception type + message
 
-    instances: Mapped[list[Instance]] = relationship(
-        back_populates="study", order_by="Instance.id"
-    )
+    instances: Mapped[list[Instance]] = relationship(back_populates="study", order_by="Instance.id")
     results: Mapped[list[Result]] = relationship(back_populates="study", order_by="Result.id")
     jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
 

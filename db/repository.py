@@ -152,6 +152,47 @@ def mark_study_queued(
     return study.id, study.revision
 
 
+def requeue_study(session: Session, study_uid: str) -> tuple[int, int]:
+    """Mark a stored study queued again (reprocessing); return (study id, revision).
+
+    The revision is kept (a study never dispatched gets revision 1): the same
+    revision run again replaces its result, as a redelivered task would.
+
+    Raises:
+        LookupError: when no study has ``study_uid``.
+    """
+    study = session.execute(
+        select(Study).where(Study.study_uid == study_uid).with_for_update()
+    ).scalar_one_or_none()
+    if study is None:
+        raise LookupError("no such study")
+    if study.revision == 0:
+        study.revision = 1
+    study.status = StudyStatus.QUEUED
+    study.queued_at = utcnow()
+    session.flush()
+    return study.id, study.revision
+
+
+@dataclass(frozen=True)
+class StudyState:
+    """Where a study stands, as a task picking it up needs to know."""
+
+    study_id: int
+    study_uid: str
+    revision: int
+    status: StudyStatus
+    queued_at: datetime | None
+
+
+def study_state(session: Session, study_id: int) -> StudyState | None:
+    """The study's current revision and status; None when ``study_id`` is unknown."""
+    study = session.get(Study, study_id)
+    if study is None:
+        return None
+    return StudyState(study.id, study.study_uid, study.revision, study.status, study.queued_at)
+
+
 def set_study_status(
     session: Session,
     study_id: int,
@@ -218,6 +259,14 @@ def finish_job(session: Session, job_id: int, status: JobStatus, error: str | No
     session.execute(
         update(Job).where(Job.id == job_id).values(status=status, ended_at=utcnow(), error=error)
     )
+
+
+def result_study(session: Session, result_id: int) -> tuple[int, int] | None:
+    """The (study id, revision) a result belongs to; None when ``result_id`` is unknown."""
+    row = session.execute(
+        select(Result.study_id, Result.revision).where(Result.id == result_id)
+    ).one_or_none()
+    return None if row is None else (int(row[0]), int(row[1]))
 
 
 # --- results -----------------------------------------------------------------
@@ -462,3 +511,65 @@ def recent_errors(session: Session, limit: int = 10) -> list[ErrorRow]:
         )
         for job, uid in session.execute(stmt).all()
     ]
+
+
+# --- reads and writes for the pipeline stages (worker) ---
+
+
+@dataclass(frozen=True)
+class InstanceFile:
+    """Where one received instance of a study is on disk."""
+
+    instance_id: int
+    sop_instance_uid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class StudyFiles:
+    """A study's UID and its instances, in the order they were recorded."""
+
+    study_id: int
+    study_uid: str
+    instances: tuple[InstanceFile, ...]
+
+
+def study_files(session: Session, study_id: int) -> StudyFiles | None:
+    """The study's UID and instance files; None when ``study_id`` is unknown."""
+    study_uid = session.execute(
+        select(Study.study_uid).where(Study.id == study_id)
+    ).scalar_one_or_none()
+    if study_uid is None:
+        return None
+    rows = session.execute(
+        select(Instance.id, Instance.sop_instance_uid, Instance.path)
+        .where(Instance.study_id == study_id)
+        .order_by(Instance.id)
+    ).all()
+    instances = tuple(InstanceFile(int(i), str(uid), str(path)) for i, uid, path in rows)
+    return StudyFiles(study_id, str(study_uid), instances)
+
+
+def result_file_paths(session: Session, result_id: int) -> list[str] | None:
+    """The files a result names: its SR (when it has one), then its SCs in image order.
+
+    None when ``result_id`` is unknown. Whether the files exist is the caller's business.
+    """
+    result = session.get(Result, result_id)
+    if result is None:
+        return None
+    paths = [result.sr_path] if result.sr_path else []
+    sc_paths = session.execute(
+        select(ImageResult.sc_path)
+        .where(ImageResult.result_id == result_id, ImageResult.sc_path.is_not(None))
+        .order_by(ImageResult.id)
+    ).scalars()
+    return paths + [p for p in sc_paths if p]
+
+
+def delivery_status(session: Session, delivery_id: int) -> DeliveryStatus | None:
+    """The status of a delivery row; None when ``delivery_id`` is unknown."""
+    status: DeliveryStatus | None = session.execute(
+        select(Delivery.status).where(Delivery.id == delivery_id)
+    ).scalar_one_or_none()
+    return status

@@ -18,10 +18,12 @@ from pathlib import Path
 from dicom_io.assembly import ReadyStudy
 from dicom_io.config import ListenerConfig, validate_ae_title
 
+__all__ = ["main"]
+
 _print_lock = threading.Lock()
 
 
-def _emit(obj: dict) -> None:
+def _emit(obj: dict[str, object]) -> None:
     with _print_lock:
         sys.stdout.write(json.dumps(obj) + "\n")
         sys.stdout.flush()
@@ -43,18 +45,22 @@ def _on_ready(study: ReadyStudy) -> None:
 def _listen(args: argparse.Namespace) -> int:
     from dicom_io.listener import Listener
 
-    config = ListenerConfig(
-        spool_dir=Path(args.spool),
-        ae_title=args.ae_title,
-        host=args.host,
-        port=args.port,
-        allowed_aets=frozenset(args.allow or ()),
-        max_associations=args.max_associations,
-        max_pdu=args.max_pdu,
-        spool_reserve_bytes=int(args.reserve_mb * 1024 * 1024),
-        study_quiet_seconds=args.quiet,
-        study_release_grace_seconds=args.grace,
-    )
+    try:
+        config = ListenerConfig(
+            spool_dir=Path(args.spool),
+            ae_title=args.ae_title,
+            host=args.host,
+            port=args.port,
+            allowed_aets=frozenset(args.allow or ()),
+            max_associations=args.max_associations,
+            max_pdu=args.max_pdu,
+            spool_reserve_bytes=int(args.reserve_mb * 1024 * 1024),
+            study_quiet_seconds=args.quiet,
+            study_release_grace_seconds=args.grace,
+        )
+    except ValueError as exc:  # names the offending field
+        sys.stderr.write(f"python -m dicom_io listen: {exc}\n")
+        return 2
     listener = Listener(config, _on_ready)
     listener.start()
     _emit({"event": "listening", "port": listener.port, "ae_title": config.ae_title})
@@ -70,9 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("listen", help="run a bare C-ECHO/C-STORE listener")
     p.add_argument("--spool", required=True, help="spool directory")
     p.add_argument("--port", type=int, default=11112, help="TCP port (0 = any free port)")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="bind address; beyond loopback, --allow is required"
+    )
     p.add_argument("--ae-title", default="PNEUMO", type=validate_ae_title)
-    p.add_argument("--allow", action="append", help="allowed calling AE title (repeatable)")
+    p.add_argument(
+        "--allow",
+        action="append",
+        help="allowed calling AE title (repeatable); '*' = any, explicitly",
+    )
     p.add_argument("--max-associations", type=int, default=10)
     p.add_argument("--max-pdu", type=int, default=0, help="0 = unlimited")
     p.add_argument("--reserve-mb", type=float, default=500.0, help="refuse below this free space")

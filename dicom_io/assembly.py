@@ -9,7 +9,9 @@ study becomes ready at the first of:
   an aborted association does not count, the quiet window covers it;
 * ``expected-count``: the sender announced Number of Study Related Instances
   (0020,1208) and that many distinct instances are in the spool;
-* ``recovered``: the study was pending when the listener stopped; after a
+* ``recovered``: the study was pending when the listener stopped, or the
+  spool holds instances of it that its journal does not list as dispatched
+  (a crash between spooling a late instance and the journal update); after a
   restart it is re-dispatched once the quiet window has passed.
 
 Instances arriving after a dispatch make the study pending again and cause an
@@ -19,9 +21,13 @@ spool and the replacement is recorded in the study's journal (``replaced``
 counter and the last replaced SOP Instance UIDs) and logged.
 
 State that must survive a restart lives in ``<spool>/.state/<study_uid>.json``
-(written atomically): whether the study is pending, how often and with which
+(written with :func:`dicom_io.durable.write_atomic`: temp file, fsync, rename,
+directory fsync; 0600): whether the study is pending, how often and with which
 instances it was dispatched, and the replacement record. The instance list
-itself is always rebuilt from the spool directory, which is the truth.
+itself is always rebuilt from the spool directory, which is the truth. When
+the write that marks a study pending fails,
+:meth:`StudyAssembler.instance_stored` raises :class:`JournalWriteError` and
+the listener answers the C-STORE with a failure, never Success.
 
 One timer thread serves all studies; the ``on_ready`` callback runs on it. A
 callback that raises is logged (without PHI) and retried with backoff: a study
@@ -33,17 +39,19 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import os
 import threading
 import time
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
-from dicom_io.spool import SpooledInstance, Spool, StoreOutcome, StoreResult
+from dicom_io.durable import write_atomic
+from dicom_io.spool import Spool, SpooledInstance, StoreOutcome, StoreResult
 from dicom_io.uids import is_valid_uid, require_uid
+
+__all__ = ["JournalWriteError", "ReadyStudy", "StudyAssembler", "Trigger"]
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +64,20 @@ class Trigger(str, enum.Enum):
     """Why a study was declared ready."""
 
     QUIET = "quiet"
+    """No instance of the study arrived for the quiet window."""
     RELEASED = "released"
+    """Every association that carried it was released (PS3.8 §7.2), plus the grace period."""
     EXPECTED_COUNT = "expected-count"
+    """Number of Study Related Instances (0020,1208) instances are in the spool."""
     RECOVERED = "recovered"
+    """Pending when the listener stopped (or found on disk but not dispatched); re-dispatched."""
+
+    def __str__(self) -> str:  # so "%s" and f-strings give the code
+        return self.value
+
+
+class JournalWriteError(Exception):
+    """The study's journal could not be written durably; the instance must not be acknowledged."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +87,11 @@ class ReadyStudy:
     study_uid: str
     instances: tuple[SpooledInstance, ...]
     amended: bool  # True if this study was dispatched before
-    trigger: str  # a Trigger value
+    trigger: Trigger
+
+    def __post_init__(self) -> None:
+        # Accept the code as a string too (older callers); an unknown one is refused.
+        object.__setattr__(self, "trigger", Trigger(self.trigger))
 
 
 @dataclass
@@ -90,6 +113,7 @@ class _Study:
     in_flight: bool = False
     replaced: int = 0
     replaced_recent: list[str] = field(default_factory=list)
+    journal_stale: bool = False  # the last journal write failed
 
 
 class StudyAssembler:
@@ -137,20 +161,25 @@ class StudyAssembler:
             self._thread = None
 
     def recover(self) -> int:
-        """Load studies left pending by a previous run; return how many."""
+        """Load studies a previous run left pending; return how many.
+
+        A study is pending when its journal says so, when it has files but no
+        journal (a crash between the first instance and its journal write), or
+        when files on disk are missing from the journal's dispatched set (a
+        late instance spooled, then a crash before its journal update).
+        Instances are compared by file name only; nothing is read.
+        """
         now = self._clock()
         recovered = 0
-        known_state = set()
+        known_state: set[str] = set()
         for state_file in sorted(self.spool.state_dir.glob("*.json")):
             uid = state_file.name[: -len(".json")]
             if not is_valid_uid(uid):
                 continue
             known_state.add(uid)
             state = self._read_state(uid)
-            if state is not None and state.get("pending"):
-                recovered += self._recover_one(uid, state, now)
-        # A crash between writing the first instance and writing the journal
-        # leaves a study directory without state: treat it as pending too.
+            if state is None or state.get("pending") or self._undispatched_on_disk(uid, state):
+                recovered += self._recover_one(uid, state or {}, now)
         for uid in self.spool.study_uids_on_disk():
             if uid not in known_state:
                 recovered += self._recover_one(uid, {}, now)
@@ -158,7 +187,11 @@ class StudyAssembler:
             log.info("recovered %d pending studies from the spool journal", recovered)
         return recovered
 
-    def _recover_one(self, uid: str, state: dict, now: float) -> int:
+    def _undispatched_on_disk(self, uid: str, state: dict[str, Any]) -> bool:
+        dispatched = set(state.get("dispatched", []))
+        return not self.spool.sop_uids_on_disk(uid) <= dispatched
+
+    def _recover_one(self, uid: str, state: dict[str, Any], now: float) -> int:
         instances = self.spool.scan_study(uid)
         if not instances:
             return 0
@@ -169,12 +202,21 @@ class StudyAssembler:
         with self._cond:
             self._studies[uid] = study
             self._cond.notify_all()
-        self._write_state(study)
+        try:
+            self._write_state(study)
+        except JournalWriteError:
+            pass  # logged; still pending in memory, and found on disk again after a restart
         return 1
 
     # --- events from the listener ---------------------------------------
     def instance_stored(self, result: StoreResult, association_id: int | None = None) -> None:
-        """Record an instance the spool has durably written."""
+        """Record an instance the spool has durably written.
+
+        Raises:
+            JournalWriteError: the study's journal could not be written; the
+                caller must not acknowledge the instance (the sender's retry
+                writes the journal again).
+        """
         inst = result.instance
         uid = inst.study_uid
         with self._cond:
@@ -200,8 +242,12 @@ class StudyAssembler:
                 write_state = True
                 log.warning(
                     "instance %s of study %s replaced by different bytes (replaced=%d)",
-                    inst.sop_instance_uid, uid, study.replaced,
+                    inst.sop_instance_uid,
+                    uid,
+                    study.replaced,
                 )
+            if study.journal_stale:
+                write_state = True
             if changed:
                 if not study.pending:
                     write_state = True
@@ -247,7 +293,7 @@ class StudyAssembler:
         with self._cond:
             return sorted(uid for uid, s in self._studies.items() if s.pending)
 
-    def study_record(self, study_uid: str) -> dict:
+    def study_record(self, study_uid: str) -> dict[str, Any]:
         """The persisted journal of a study (dispatch count, replacements...)."""
         return self._read_state(require_uid(study_uid, "Study Instance UID")) or {}
 
@@ -302,7 +348,7 @@ class StudyAssembler:
                                     )
                                 ),
                                 amended=study.dispatch_count > 0,
-                                trigger=trigger.value,
+                                trigger=trigger,
                             ),
                         )
                     )
@@ -321,7 +367,9 @@ class StudyAssembler:
                 self._cond.notify_all()
             log.error(
                 "study-ready callback failed for study %s (%s); retrying in %.1fs",
-                ready.study_uid, type(exc).__name__, delay,
+                ready.study_uid,
+                type(exc).__name__,
+                delay,
             )
             return
         with self._cond:
@@ -337,17 +385,25 @@ class StudyAssembler:
             self._cond.notify_all()
         log.info(
             "study %s ready: %d instances, trigger=%s, amended=%s",
-            ready.study_uid, len(ready.instances), ready.trigger, ready.amended,
+            ready.study_uid,
+            len(ready.instances),
+            ready.trigger,
+            ready.amended,
         )
-        self._write_state(study)
+        try:
+            self._write_state(study)
+        except JournalWriteError:
+            # Logged; at worst the study is dispatched again after a restart.
+            pass
 
     # --- journal ------------------------------------------------------------
     def _state_path(self, study_uid: str) -> Path:
         return self.spool.state_dir / f"{require_uid(study_uid, 'Study Instance UID')}.json"
 
-    def _read_state(self, study_uid: str) -> dict | None:
+    def _read_state(self, study_uid: str) -> dict[str, Any] | None:
         try:
-            return json.loads(self._state_path(study_uid).read_text())
+            state = json.loads(self._state_path(study_uid).read_text())
+            return state if isinstance(state, dict) else None
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
@@ -355,7 +411,7 @@ class StudyAssembler:
             return None
 
     def _study_from_state(
-        self, uid: str, state: dict, instances: list[SpooledInstance]
+        self, uid: str, state: dict[str, Any], instances: list[SpooledInstance]
     ) -> _Study:
         return _Study(
             study_uid=uid,
@@ -388,17 +444,14 @@ class StudyAssembler:
                 "instances": len(study.instances),
                 "replaced": study.replaced,
                 "replaced_recent": list(study.replaced_recent),
-                "updated_at": datetime.now(timezone.utc).isoformat(),
+                "updated_at": datetime.now(UTC).isoformat(),
             }
-        path = self._state_path(study.study_uid)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
-            with tmp.open("w") as fh:
-                json.dump(state, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            write_atomic(self._state_path(study.study_uid), json.dumps(state).encode())
         except OSError as exc:
-            # The spool files are the truth: recovery rebuilds from them.
+            with self._cond:
+                study.journal_stale = True
             log.error("could not write journal of study %s: %s", study.study_uid, exc.strerror)
-            tmp.unlink(missing_ok=True)
+            raise JournalWriteError("study journal write failed") from None
+        with self._cond:
+            study.journal_stale = False

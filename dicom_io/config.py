@@ -6,9 +6,27 @@ never reads the environment.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+__all__ = [
+    "ALLOW_ANY_AE",
+    "DEFAULT_MAX_INFLATED_BYTES",
+    "Destination",
+    "ListenerConfig",
+    "TLSConfig",
+    "validate_ae_title",
+]
+
+# In ``ListenerConfig.allowed_aets``: accept any calling AE title, explicitly.
+ALLOW_ANY_AE = "*"
+
+# A deflated data set (PS3.5 §A.5) may inflate to at most this much: the
+# largest image ``dicom_io.pixels`` decodes (2**31 bits = 256 MiB) plus room
+# for the header. A deflate bomb is refused before it is spooled.
+DEFAULT_MAX_INFLATED_BYTES = 288 * 1024 * 1024
 
 # PS3.5 §6.2 (AE VR): at most 16 characters of the default character
 # repertoire, no backslash or control characters; leading/trailing spaces are
@@ -17,7 +35,11 @@ _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 
 def validate_ae_title(value: str) -> str:
-    """Return ``value`` stripped, or raise ``ValueError`` if it is not a valid AE title."""
+    """Return ``value`` stripped.
+
+    Raises:
+        ValueError: ``value`` is not a valid AE title (PS3.5 §6.2, AE VR).
+    """
     stripped = value.strip()
     if not stripped or not _AE_TITLE.match(stripped):
         raise ValueError("invalid AE title (1-16 printable characters, no backslash)")
@@ -40,7 +62,12 @@ class Destination:
             raise ValueError("destination host is empty")
 
     @classmethod
-    def parse(cls, text: str) -> "Destination":
+    def parse(cls, text: str) -> Destination:
+        """Parse ``AE@host:port``.
+
+        Raises:
+            ValueError: ``text`` is not of that form, or a part is invalid.
+        """
         match = re.fullmatch(r"\s*([^@]+)@([^:@\s]+):(\d+)\s*", text)
         if not match:
             raise ValueError(f"destination {text!r} is not of the form AE@host:port")
@@ -54,8 +81,11 @@ class Destination:
 class TLSConfig:
     """DICOM TLS (PS3.15 Annex B.9/B.10): our certificate and key, and the CA we trust.
 
-    With ``require_client_cert`` the listener demands a client certificate signed
-    by ``ca_file`` (mutual TLS).
+    Listening: ``ca_file`` is only meaningful with ``require_client_cert``
+    (mutual TLS: the client certificate must be signed by ``ca_file``);
+    :class:`ListenerConfig` refuses a CA without it rather than silently
+    accepting unauthenticated clients. Sending: ``ca_file`` is required, the
+    peer's certificate is verified against it (``dicom_io.send``).
     """
 
     cert_file: Path
@@ -64,25 +94,72 @@ class TLSConfig:
     require_client_cert: bool = False
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only "localhost" is known to be loopback
+        return False
+
+
 @dataclass(frozen=True)
 class ListenerConfig:
-    """Everything the C-STORE/C-ECHO listener needs to run."""
+    """Everything the C-STORE/C-ECHO listener needs to run.
+
+    Secure by default: bound to anything but a loopback address, the listener
+    needs an allow-list of calling AE titles (``allowed_aets``), or ``{"*"}``
+    (:data:`ALLOW_ANY_AE`) to accept any caller explicitly. An empty allow-list
+    on loopback accepts any caller.
+
+    Raises:
+        ValueError: an invalid AE title, a non-loopback ``host`` with an empty
+            ``allowed_aets``, a ``tls.ca_file`` without
+            ``tls.require_client_cert`` (or the reverse), or a limit out of range;
+            the message names the field.
+    """
 
     spool_dir: Path
     ae_title: str = "PNEUMO"
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 11112  # 0 = pick a free port (tests)
-    allowed_aets: frozenset[str] = field(default_factory=frozenset)  # empty = any
+    allowed_aets: frozenset[str] = field(default_factory=frozenset)  # see class docstring
     max_associations: int = 10
     max_pdu: int = 0  # 0 = unlimited
     spool_reserve_bytes: int = 500 * 1024 * 1024
-    max_image_pixels_bits: int = 16384 * 16384 * 16
+    max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES
     study_quiet_seconds: float = 5.0
     study_release_grace_seconds: float = 1.0
     tls: TLSConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ae_title", validate_ae_title(self.ae_title))
-        object.__setattr__(
-            self, "allowed_aets", frozenset(validate_ae_title(a) for a in self.allowed_aets)
-        )
+        try:
+            allowed = frozenset(validate_ae_title(a) for a in self.allowed_aets)
+        except ValueError:
+            raise ValueError("ListenerConfig.allowed_aets holds an invalid AE title") from None
+        object.__setattr__(self, "allowed_aets", allowed)
+        if not allowed and not _is_loopback(self.host):
+            raise ValueError(
+                "ListenerConfig.allowed_aets is empty but host is not a loopback address: "
+                f"list the calling AE titles, or {ALLOW_ANY_AE!r} to accept any caller"
+            )
+        if self.max_inflated_bytes <= 0:
+            raise ValueError("ListenerConfig.max_inflated_bytes must be positive")
+        if self.tls is not None:
+            if self.tls.ca_file is not None and not self.tls.require_client_cert:
+                raise ValueError(
+                    "ListenerConfig.tls.ca_file is set but tls.require_client_cert is off: "
+                    "clients would not be authenticated; require client certificates "
+                    "or drop the CA"
+                )
+            if self.tls.require_client_cert and self.tls.ca_file is None:
+                raise ValueError(
+                    "ListenerConfig.tls.require_client_cert needs tls.ca_file to verify "
+                    "client certificates"
+                )
+
+    @property
+    def allows_any_calling_ae(self) -> bool:
+        """True when any calling AE title may associate (empty allow-list or ``*``)."""
+        return not self.allowed_aets or ALLOW_ANY_AE in self.allowed_aets

@@ -12,14 +12,18 @@
 
   ========  ==============================================================
   0x0000    Success, only after the instance is durably in the spool
-  0xA700    Refused: Out of Resources (disk full / write failed) - retry
+  0xA700    Refused: Out of Resources (disk full, spool or journal write
+            failed, or a deflated data set inflating beyond
+            ``ListenerConfig.max_inflated_bytes``)
   0xA900    Error: Data Set Does Not Match SOP Class (missing/invalid UIDs)
   0xC000    Error: Cannot Understand (header unreadable)
   ========  ==============================================================
 
 * Association negotiation (PS3.8 §7.1.1.9): an unknown calling AE title is
   rejected permanently (result 1, source 1 "service user", reason 3
-  "calling AE title not recognized") when an allow-list is configured; when
+  "calling AE title not recognized") when an allow-list is configured (``*``
+  in it accepts any caller; ``ListenerConfig`` requires one or the other
+  beyond loopback); when
   the spool's free space falls below the reserve, or the association limit is
   reached, the association is rejected *transiently* (result 2, source 3,
   reason 2 "local limit exceeded") so the sender retries later.
@@ -27,31 +31,41 @@
 
 from __future__ import annotations
 
-import copy
 import logging
-import socket
 import ssl
 import threading
-import types
-from typing import Any, Callable
+import time
+from collections.abc import Callable
+from typing import Any
 
 from pydicom._uid_dict import UID_dictionary
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification, register_uid  # type: ignore[attr-defined]
 
-from dicom_io.assembly import ReadyStudy, StudyAssembler
+from dicom_io.assembly import JournalWriteError, ReadyStudy, StudyAssembler
 from dicom_io.config import ListenerConfig, TLSConfig
+from dicom_io.sanitize import redact_library_logs
 from dicom_io.spool import (
     RefusalKind,
-    SpooledInstance,
     Spool,
+    SpooledInstance,
     SpoolRefusal,
     SpoolWriteError,
     StoreOutcome,
 )
+from dicom_io.tuning import server_contexts, tune_connection
+
+__all__ = [
+    "STATUS_CANNOT_UNDERSTAND",
+    "STATUS_DATASET_MISMATCH",
+    "STATUS_OUT_OF_RESOURCES",
+    "STATUS_SUCCESS",
+    "Listener",
+    "build_ssl_context",
+    "storage_sop_classes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -96,40 +110,16 @@ def storage_sop_classes() -> list[str]:
     return sorted(known | set(extra))
 
 
-_IMMUTABLE = (str, int, float, bool, type(None))
+# Below this multiple of the free-space reserve the listener warns (still receiving).
+_WATERMARK_FACTOR = 2
+_WATERMARK_WARN_INTERVAL = 60.0
 
-
-class _CheaplyCopiedContext(PresentationContext):
-    """A supported presentation context whose deep copy does not re-validate its UIDs.
-
-    pynetdicom deep-copies the server's supported contexts for every accepted
-    association. With every storage SOP class times every transfer syntax
-    (~200 x 45 UIDs) that took ~120 ms of CPU per association, most of it
-    pydicom re-validating each copied UID, and it holds the GIL while other
-    associations wait. Every attribute of a context is an immutable value or a
-    list of immutable UIDs, so copying the lists *is* a deep copy.
-    """
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> "_CheaplyCopiedContext":
-        new = self.__class__.__new__(self.__class__)
-        for name, value in vars(self).items():
-            if isinstance(value, list) and all(isinstance(v, _IMMUTABLE) for v in value):
-                value = list(value)
-            elif not isinstance(value, _IMMUTABLE):
-                value = copy.deepcopy(value, memo)
-            setattr(new, name, value)
-        return new
-
-
-def server_contexts(ae: AE) -> list[PresentationContext]:
-    """The AE's supported contexts as given to ``start_server(contexts=...)``."""
-    contexts: list[PresentationContext] = []
-    for cx in ae.supported_contexts:
-        cheap = _CheaplyCopiedContext.__new__(_CheaplyCopiedContext)
-        for name, value in vars(cx).items():
-            setattr(cheap, name, list(value) if isinstance(value, list) else value)
-        contexts.append(cheap)
-    return contexts
+_REFUSAL_STATUS = {
+    RefusalKind.INVALID_UID: STATUS_DATASET_MISMATCH,
+    RefusalKind.UID_MISMATCH: STATUS_DATASET_MISMATCH,
+    RefusalKind.UNREADABLE: STATUS_CANNOT_UNDERSTAND,
+    RefusalKind.TOO_LARGE: STATUS_OUT_OF_RESOURCES,
+}
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -153,9 +143,9 @@ class _SpoolGuardedAE(AE):
         super().__init__(ae_title=ae_title)
         self._space_ok = space_ok
 
-    @property  # type: ignore[override]
+    @property
     def maximum_associations(self) -> int:
-        limit = AE.maximum_associations.fget(self)  # type: ignore[attr-defined]
+        limit: int = AE.maximum_associations.fget(self)  # type: ignore[attr-defined]
         if not self._space_ok():
             return 0
         return limit
@@ -165,70 +155,13 @@ class _SpoolGuardedAE(AE):
         AE.maximum_associations.fset(self, value)  # type: ignore[attr-defined]
 
 
-class _RedactValues(logging.Filter):
-    """Drop the offending value from pydicom's/pynetdicom's "invalid value" messages.
-
-    pynetdicom decodes the C-STORE command set with pydicom; both log a
-    malformed UID verbatim, and a malformed value may be anything, PHI included.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if (
-            message.startswith(("Invalid value for VR", "Non-conformant"))
-            or "exceeds the maximum length" in message
-        ):
-            record.msg = f"{record.name}: invalid element value (value redacted)"
-            record.args = ()
-        return True
-
-
-_REDACT = _RedactValues()
-
-
-def _recv_exact(self: Any, nr_bytes: int) -> bytearray:
-    """Read exactly ``nr_bytes`` (fewer only if the peer closed) into one buffer.
-
-    Replaces pynetdicom's ``AssociationSocket.recv`` for our associations:
-    upstream reads in 4 KiB ``recv()`` calls and grows a bytearray, i.e. about
-    2000 system calls and copies per 8 MB instance; ``recv_into`` a
-    preallocated buffer takes a handful. Same contract: returns what was read.
-    """
-    buf = bytearray(nr_bytes)
-    view = memoryview(buf)
-    got = 0
-    sock = self.socket
-    while got < nr_bytes:
-        n = sock.recv_into(view[got:], nr_bytes - got)
-        if not n:
-            del view
-            return buf[:got]
-        got += n
-    del view
-    return buf
-
-
-def set_nodelay(raw_socket: Any) -> None:
-    """Disable Nagle's algorithm: a C-STORE response is a small write the peer
-    waits for, and Nagle plus delayed ACKs can hold it back for tens of ms."""
-    try:
-        raw_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError):
-        pass
-
-
-def tune_connection(assoc: Any) -> None:
-    """Per-connection tweaks for an accepted association (bound to EVT_CONN_OPEN)."""
-    sock = getattr(getattr(assoc, "dul", None), "socket", None)
-    if sock is None:
-        return
-    if hasattr(sock, "recv"):
-        sock.recv = types.MethodType(_recv_exact, sock)
-    set_nodelay(getattr(sock, "socket", None))
-
-
 def build_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
-    """Server-side TLS context for DICOM TLS (PS3.15 Annex B.9), mutual when configured."""
+    """Server-side TLS context for DICOM TLS (PS3.15 Annex B.9), mutual when configured.
+
+    Raises:
+        ValueError: client certificates are required but no CA is given.
+        ssl.SSLError, OSError: a certificate, key or CA file cannot be loaded.
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
@@ -251,7 +184,7 @@ class Listener:
         on_instance_stored: Callable[[SpooledInstance], None] | None = None,
     ) -> None:
         self.config = config
-        self.spool = Spool(config.spool_dir)
+        self.spool = Spool(config.spool_dir, max_inflated_bytes=config.max_inflated_bytes)
         self.assembler = StudyAssembler(
             self.spool,
             on_study_ready,
@@ -262,6 +195,7 @@ class Listener:
         self._server: Any = None
         self._stopped = threading.Event()
         self._lock = threading.Lock()
+        self._low_space_warned_at = -_WATERMARK_WARN_INTERVAL
         self.stats = {"stored": 0, "duplicate": 0, "replaced": 0, "refused": 0, "failed": 0}
 
     # --- lifecycle ----------------------------------------------------------
@@ -274,15 +208,32 @@ class Listener:
 
     def _space_ok(self) -> bool:
         try:
-            return self.spool.free_bytes() >= self.config.spool_reserve_bytes
+            free = self.spool.free_bytes()
         except OSError:
             return False
+        reserve = self.config.spool_reserve_bytes
+        if free < _WATERMARK_FACTOR * reserve:
+            self._warn_low_space(free)
+        return free >= reserve
+
+    def _warn_low_space(self, free: int) -> None:
+        """Warn (at most once a minute) before the reserve is hit and receiving stops."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._low_space_warned_at < _WATERMARK_WARN_INTERVAL:
+                return
+            self._low_space_warned_at = now
+        log.warning(
+            "spool free space low: %d MiB left, associations are refused below %d MiB",
+            free >> 20,
+            self.config.spool_reserve_bytes >> 20,
+        )
 
     def _build_ae(self) -> AE:
         ae = _SpoolGuardedAE(self.config.ae_title, self._space_ok)
         ae.maximum_associations = self.config.max_associations
         ae.maximum_pdu_size = self.config.max_pdu
-        if self.config.allowed_aets:
+        if not self.config.allows_any_calling_ae:
             ae.require_calling_aet = sorted(self.config.allowed_aets)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for uid in storage_sop_classes():
@@ -290,17 +241,19 @@ class Listener:
         return ae
 
     def start(self) -> None:
-        """Recover pending studies, bind the socket and serve in background threads."""
+        """Recover pending studies, bind the socket and serve in background threads.
+
+        Raises:
+            OSError: the address cannot be bound (in use, not permitted).
+            ssl.SSLError, OSError: the TLS certificate, key or CA cannot be loaded.
+        """
         if self._server is not None:
             return
         self._stopped.clear()
-        for name in ("pydicom", "pynetdicom.utils"):
-            library_log = logging.getLogger(name)
-            if _REDACT not in library_log.filters:
-                library_log.addFilter(_REDACT)
+        redact_library_logs()
         self.assembler.start()
         ae = self._build_ae()
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._handle_open),
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_RELEASED, self._handle_released),
@@ -321,7 +274,10 @@ class Listener:
             raise
         log.info(
             "listening as %s on %s:%d (tls=%s)",
-            self.config.ae_title, self.config.host, self.port, bool(ssl_context),
+            self.config.ae_title,
+            self.config.host,
+            self.port,
+            bool(ssl_context),
         )
 
     def stop(self) -> None:
@@ -351,7 +307,7 @@ class Listener:
         finally:
             self.stop()
 
-    def __enter__(self) -> "Listener":
+    def __enter__(self) -> Listener:
         self.start()
         return self
 
@@ -377,11 +333,7 @@ class Listener:
             )
         except SpoolRefusal as exc:
             self._count("refused")
-            code = (
-                STATUS_CANNOT_UNDERSTAND
-                if exc.kind is RefusalKind.UNREADABLE
-                else STATUS_DATASET_MISMATCH
-            )
+            code = _REFUSAL_STATUS[exc.kind]
             # The message names attributes only; never values (may be PHI).
             log.warning("C-STORE from %s refused (0x%04X): %s", calling, code, exc)
             return _status(code, str(exc))
@@ -396,12 +348,22 @@ class Listener:
             log.debug("C-STORE failure details", exc_info=True)
             return _status(STATUS_OUT_OF_RESOURCES, "internal error")
 
-        self._count({"new": "stored"}.get(result.outcome.value, result.outcome.value))
         try:
             self.assembler.instance_stored(result, id(event.assoc))
+        except JournalWriteError:
+            # The file is durable but the journal does not say the study is
+            # pending: no Success, so the sender retries and the retry
+            # rewrites the journal (recovery would find the file too).
+            self._count("failed")
+            log.error("C-STORE from %s not acknowledged: journal write failed", calling)
+            return _status(STATUS_OUT_OF_RESOURCES, "study journal write failed")
         except Exception as exc:  # instance is durable; recovery will find it
-            log.error("study assembly failed for study %s (%s)", result.instance.study_uid,
-                      type(exc).__name__)
+            log.error(
+                "study assembly failed for study %s (%s)",
+                result.instance.study_uid,
+                type(exc).__name__,
+            )
+        self._count({"new": "stored"}.get(result.outcome.value, result.outcome.value))
         # An identical duplicate changes nothing, so it is not reported again.
         if self._on_instance_stored is not None and result.outcome is not StoreOutcome.DUPLICATE:
             try:
@@ -409,7 +371,8 @@ class Listener:
             except Exception as exc:
                 log.error(
                     "on_instance_stored callback failed for instance %s (%s)",
-                    result.instance.sop_instance_uid, type(exc).__name__,
+                    result.instance.sop_instance_uid,
+                    type(exc).__name__,
                 )
         return STATUS_SUCCESS
 

@@ -36,13 +36,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from enum import Enum
 from os import PathLike
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.processing import apply_modality_lut
 from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
@@ -52,6 +54,7 @@ from pydicom.uid import (
 
 __all__ = [
     "DEFAULT_MAX_PIXELS_BITS",
+    "PixelErrorKind",
     "PixelReadError",
     "read_pixels",
     "read_pixels_file",
@@ -69,68 +72,118 @@ _PLUGIN_ORDER: tuple[str, ...] = ("pylibjpeg", "gdcm", "")
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 
 
+# Never turned into a PixelReadError: the process is being stopped, or a
+# generator is being closed.
+_NOT_OURS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+class PixelErrorKind(str, Enum):
+    """Why pixel data cannot become a model input; the ``<kind>`` of ``undecodable:<kind>``."""
+
+    NO_PIXEL_DATA = "no-pixel-data"
+    """No Pixel Data (7FE0,0010) element (PS3.3 §C.7.6.3)."""
+    INVALID_HEADER = "invalid-header"
+    """An image attribute (Rows, Bits Allocated, rescale, LUT...) is missing or unparseable."""
+    NOT_MONOCHROME = "not-monochrome"
+    """Not MONOCHROME1/2 with one sample per pixel (PS3.3 §C.7.6.3.1.2)."""
+    DECOMPRESSION_BOMB = "decompression-bomb"
+    """Rows x Columns x Frames x Bits Allocated exceeds the cap."""
+    MISSING_TRANSFER_SYNTAX = "missing-transfer-syntax"
+    """Encapsulated pixel data without a Transfer Syntax UID to say how."""
+    UNSUPPORTED_TRANSFER_SYNTAX = "unsupported-transfer-syntax"
+    """No installed decoder handles the transfer syntax."""
+    UNSUPPORTED_PIXEL_DATA = "unsupported-pixel-data"
+    """Float or Double Float Pixel Data."""
+    TRUNCATED = "truncated"
+    """Less pixel data than the header announces."""
+    DECODE_FAILED = "decode-failed"
+    """Every decoder refused the data, or it decoded to nonsense."""
+    DECODER_CRASHED = "decoder-crashed"
+    """A decoder raised a non-``Exception`` (e.g. a Rust panic in pylibjpeg-rle)."""
+    BLANK_IMAGE = "blank-image"
+    """Every pixel has the same value."""
+    OUT_OF_MEMORY = "out-of-memory"
+    """Under the cap, but too large for this machine."""
+    UNREADABLE = "unreadable"
+    """The file is not readable DICOM."""
+
+    def __str__(self) -> str:  # so f"{kind}" gives the code
+        return self.value
+
+
 class PixelReadError(Exception):
     """The pixel data of a dataset cannot be turned into a model input.
 
-    ``kind`` is machine-readable and becomes part of a skip reason
-    (``undecodable:<kind>``): ``no-pixel-data``, ``invalid-header``,
-    ``not-monochrome``, ``decompression-bomb``, ``missing-transfer-syntax``,
-    ``unsupported-transfer-syntax``, ``unsupported-pixel-data``, ``truncated``,
-    ``decode-failed``, ``blank-image``, ``out-of-memory``, ``unreadable``.
-
-    Messages never contain patient data, only sizes, UIDs and exception types.
+    ``kind`` (a :class:`PixelErrorKind`) is machine-readable and becomes part of
+    a skip reason (``SkipReason.undecodable(kind)``). Messages never contain
+    header values, only our words, sizes and exception type names.
     """
 
-    def __init__(self, kind: str, message: str = "") -> None:
-        super().__init__(f"{kind}: {message}" if message else kind)
-        self.kind = kind
+    def __init__(self, kind: PixelErrorKind | str, message: str = "") -> None:
+        kind = PixelErrorKind(kind)
+        super().__init__(f"{kind.value}: {message}" if message else kind.value)
+        self.kind: PixelErrorKind = kind
 
 
 def read_pixels_file(
     path: str | PathLike[str], *, max_pixels_bits: int = DEFAULT_MAX_PIXELS_BITS
 ) -> np.ndarray:
-    """Read a DICOM file and return :func:`read_pixels` of it."""
+    """Read a DICOM file and return :func:`read_pixels` of it.
+
+    Raises:
+        PixelReadError: the file is not readable DICOM (``UNREADABLE``) or, as
+            for :func:`read_pixels`, its pixels cannot become a model input.
+    """
     try:
         ds = pydicom.dcmread(Path(path), force=True)
-    except Exception as exc:  # any parse failure is "this file cannot be read"
-        raise PixelReadError("unreadable", type(exc).__name__) from exc
+    except _NOT_OURS:
+        raise
+    except BaseException as exc:  # any parse failure is "this file cannot be read"
+        raise PixelReadError(PixelErrorKind.UNREADABLE, type(exc).__name__) from exc
     return read_pixels(ds, max_pixels_bits=max_pixels_bits)
 
 
-def read_pixels(
-    ds: Dataset, *, max_pixels_bits: int = DEFAULT_MAX_PIXELS_BITS
-) -> np.ndarray:
+def read_pixels(ds: Dataset, *, max_pixels_bits: int = DEFAULT_MAX_PIXELS_BITS) -> np.ndarray:
     """Return the first frame of ``ds`` as float32 2-D in [0, 1], brighter = denser.
 
-    Raises :class:`PixelReadError` for anything that is not a decodable
-    single-channel image (and for nothing else); never returns NaN.
+    Never returns NaN. Decoders may raise anything, including ``BaseException``
+    subclasses that are not ``Exception`` (pyo3's ``PanicException``); all of
+    them become a :class:`PixelReadError`, except ``KeyboardInterrupt``,
+    ``SystemExit`` and ``GeneratorExit``, which propagate.
+
+    Raises:
+        PixelReadError: ``ds`` is not a decodable single-channel image (and
+            for nothing else); ``kind`` says why.
     """
     try:
         return _read(ds, max_pixels_bits)
-    except PixelReadError:
+    except (PixelReadError, *_NOT_OURS):
         raise
     except MemoryError as exc:  # under the cap but still too big for this machine
-        raise PixelReadError("out-of-memory") from exc
+        raise PixelReadError(PixelErrorKind.OUT_OF_MEMORY) from exc
     except Exception as exc:  # e.g. a tampered header value that pydicom cannot parse
-        raise PixelReadError("invalid-header", type(exc).__name__) from exc
+        raise PixelReadError(PixelErrorKind.INVALID_HEADER, type(exc).__name__) from exc
+    except BaseException as exc:  # a decoder panic outside the per-plugin guard
+        raise PixelReadError(PixelErrorKind.DECODER_CRASHED, type(exc).__name__) from exc
 
 
 def _read(ds: Dataset, max_pixels_bits: int) -> np.ndarray:
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
-            raise PixelReadError("unsupported-pixel-data", "float pixel data")
-        raise PixelReadError("no-pixel-data")
+            raise PixelReadError(PixelErrorKind.UNSUPPORTED_PIXEL_DATA, "float pixel data")
+        raise PixelReadError(PixelErrorKind.NO_PIXEL_DATA)
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     samples = _int(ds, "SamplesPerPixel", 1)
     if photometric not in _MONOCHROME or samples != 1:
         raise PixelReadError(
-            "not-monochrome", f"{photometric or 'none'} with {samples} sample(s)"
+            PixelErrorKind.NOT_MONOCHROME,
+            "Photometric Interpretation is not MONOCHROME1/2 with one sample",
         )
     _check_size(ds, max_pixels_bits)
     ds = _with_transfer_syntax(ds)
     stored = _decode_first_frame(ds)
     if stored.ndim != 2:
-        raise PixelReadError("decode-failed", f"decoded shape {stored.shape}")
+        raise PixelReadError(PixelErrorKind.DECODE_FAILED, f"decoded shape {stored.shape}")
 
     values = _modality_values(stored, ds)
     out = _apply_voi(values, ds)
@@ -152,13 +205,15 @@ def _modality_values(stored: np.ndarray, ds: Dataset) -> np.ndarray:
         try:
             return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
         except Exception as exc:  # a malformed Modality LUT Sequence
-            raise PixelReadError("invalid-header", f"modality LUT: {type(exc).__name__}") from exc
+            raise PixelReadError(
+                PixelErrorKind.INVALID_HEADER, f"modality LUT: {type(exc).__name__}"
+            ) from exc
     slope = _required_float(ds, "RescaleSlope")
     intercept = _required_float(ds, "RescaleIntercept")
     values = stored.astype(np.float32)  # always a copy
     if slope is not None and slope != 1.0:
         if slope == 0.0:
-            raise PixelReadError("invalid-header", "Rescale Slope is 0")
+            raise PixelReadError(PixelErrorKind.INVALID_HEADER, "Rescale Slope is 0")
         values *= np.float32(slope)
     if intercept:
         values += np.float32(intercept)
@@ -177,7 +232,7 @@ def _int(ds: Dataset, keyword: str, default: int) -> int:
     try:
         return int(value)
     except (TypeError, ValueError) as exc:
-        raise PixelReadError("invalid-header", f"{keyword} is not an integer") from exc
+        raise PixelReadError(PixelErrorKind.INVALID_HEADER, f"{keyword} is not an integer") from exc
 
 
 def _check_size(ds: Dataset, max_pixels_bits: int) -> None:
@@ -188,13 +243,13 @@ def _check_size(ds: Dataset, max_pixels_bits: int) -> None:
     bits = _int(ds, "BitsAllocated", 0)
     if rows <= 0 or cols <= 0 or bits not in (1, 8, 16, 32, 64):
         raise PixelReadError(
-            "invalid-header", f"Rows={rows} Columns={cols} BitsAllocated={bits}"
+            PixelErrorKind.INVALID_HEADER, "Rows, Columns or Bits Allocated missing or out of range"
         )
     total = rows * cols * frames * bits
     if total > max_pixels_bits:
         raise PixelReadError(
-            "decompression-bomb",
-            f"{rows}x{cols}x{frames} frames x {bits} bits = {total} bits > cap {max_pixels_bits}",
+            PixelErrorKind.DECOMPRESSION_BOMB,
+            f"decoded size would exceed the {max_pixels_bits}-bit cap",
         )
 
 
@@ -212,10 +267,10 @@ def _with_transfer_syntax(ds: Dataset) -> Dataset:
         return ds
     elem = ds["PixelData"]
     if elem.is_undefined_length:
-        raise PixelReadError("missing-transfer-syntax", "encapsulated pixel data")
+        raise PixelReadError(PixelErrorKind.MISSING_TRANSFER_SYNTAX, "encapsulated pixel data")
     implicit, little = getattr(ds, "original_encoding", (None, None))
     if little is None:
-        raise PixelReadError("missing-transfer-syntax")
+        raise PixelReadError(PixelErrorKind.MISSING_TRANSFER_SYNTAX)
     if implicit:
         inferred = ImplicitVRLittleEndian
     else:
@@ -237,11 +292,16 @@ def _decode_first_frame(ds: Dataset) -> np.ndarray:
     try:
         decoder = get_decoder(ts)
     except NotImplementedError as exc:
-        raise PixelReadError("unsupported-transfer-syntax", str(ts)) from exc
+        raise PixelReadError(
+            PixelErrorKind.UNSUPPORTED_TRANSFER_SYNTAX, "no decoder for this transfer syntax"
+        ) from exc
     if not decoder.is_available:
-        raise PixelReadError("unsupported-transfer-syntax", f"{ts} (no plugin installed)")
+        raise PixelReadError(
+            PixelErrorKind.UNSUPPORTED_TRANSFER_SYNTAX, "no decoder plugin installed"
+        )
 
     errors: list[str] = []
+    crashed = False
     plugins: Sequence[str] = (
         [p for p in _PLUGIN_ORDER if p == "" or p in decoder.available_plugins]
         if decoder.is_encapsulated
@@ -249,19 +309,31 @@ def _decode_first_frame(ds: Dataset) -> np.ndarray:
     )
     for plugin in plugins:
         try:
-            arr, _meta = decoder.as_array(ds, index=0, decoding_plugin=plugin, as_rgb=False)
+            arr, _meta = decoder.as_array(ds, index=0, decoding_plugin=plugin, as_rgb=False)  # type: ignore[arg-type]  # pydicom types **kwargs as DecodeOptions
             return arr
-        except Exception as exc:  # each plugin fails in its own way; try the next
+        except _NOT_OURS:
+            raise
+        except MemoryError:
+            raise
+        except BaseException as exc:  # each plugin fails in its own way; try the next
+            # pyo3 panics (pylibjpeg-rle on Rows/Columns that disagree with
+            # the data) are BaseException, not Exception.
+            crashed = crashed or not isinstance(exc, Exception)
             errors.append(f"{plugin or 'any'}:{type(exc).__name__}")
             # Exception types only: decoder messages may quote header values.
-            log.debug("decoding %s with plugin %r failed: %s", ts.name, plugin or "any",
-                      type(exc).__name__)
+            log.debug(
+                "decoding %s with plugin %r failed: %s",
+                ts.name,
+                plugin or "any",
+                type(exc).__name__,
+            )
             text = str(exc).lower()
             if "less than expected" in text or "truncat" in text or "too short" in text:
-                raise PixelReadError("truncated", type(exc).__name__) from exc
+                raise PixelReadError(PixelErrorKind.TRUNCATED, type(exc).__name__) from exc
             if not decoder.is_encapsulated:
-                raise PixelReadError("decode-failed", type(exc).__name__) from exc
-    raise PixelReadError("decode-failed", ", ".join(errors))
+                raise PixelReadError(PixelErrorKind.DECODE_FAILED, type(exc).__name__) from exc
+    kind = PixelErrorKind.DECODER_CRASHED if crashed else PixelErrorKind.DECODE_FAILED
+    raise PixelReadError(kind, ", ".join(errors))
 
 
 # --------------------------------------------------------------------------
@@ -274,9 +346,9 @@ def _stretch(values: np.ndarray) -> np.ndarray:
     lo = float(np.min(values))
     hi = float(np.max(values))
     if not np.isfinite(lo) or not np.isfinite(hi):
-        raise PixelReadError("decode-failed", "non-finite pixel values")
+        raise PixelReadError(PixelErrorKind.DECODE_FAILED, "non-finite pixel values")
     if hi <= lo:
-        raise PixelReadError("blank-image", "all pixels have the same value")
+        raise PixelReadError(PixelErrorKind.BLANK_IMAGE, "all pixels have the same value")
     values -= np.float32(lo)
     values /= np.float32(hi - lo)
     return values
@@ -292,7 +364,7 @@ def _required_float(ds: Dataset, keyword: str) -> float | None:
         return None
     out = _first_float(value)
     if out is None:
-        raise PixelReadError("invalid-header", f"{keyword} is not a finite number")
+        raise PixelReadError(PixelErrorKind.INVALID_HEADER, f"{keyword} is not a finite number")
     return out
 
 
@@ -302,7 +374,7 @@ def _first_float(value: object) -> float | None:
         return None
     if not isinstance(value, (str, bytes)) and hasattr(value, "__getitem__"):
         try:
-            value = value[0]  # type: ignore[index]
+            value = value[0]
         except (IndexError, TypeError):
             return None
     try:
@@ -363,8 +435,10 @@ def _apply_voi_lut_item(values: np.ndarray, item: Dataset) -> np.ndarray | None:
         data = item.LUTData
     except Exception:
         return None
-    lut = np.asarray(data if not isinstance(data, (bytes, bytearray)) else
-                     np.frombuffer(data, dtype="<u2"), dtype=np.float64).ravel()
+    lut = np.asarray(
+        data if not isinstance(data, (bytes, bytearray)) else np.frombuffer(data, dtype="<u2"),
+        dtype=np.float64,
+    ).ravel()
     if n_entries == 0:
         n_entries = 65536  # PS3.3 §C.11.1.1.1: 0 means 2^16 entries
     if lut.size == 0:

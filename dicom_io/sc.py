@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicom_io.sanitize import sanitized_copy
 from dicom_io.sr import AlgorithmInfo, lo, no_phi_warnings
 from dicom_io.uids import derive_uid, require_uid
 
@@ -49,7 +50,11 @@ _BIPED = frozenset("APRLHF")
 
 
 def heatmap_sc_uid(study_uid: str, source_sop_uid: str, model_version: str, revision: int) -> str:
-    """SOP Instance UID of the heatmap SC for one source image of a study."""
+    """SOP Instance UID of the heatmap SC for one source image of a study.
+
+    Raises:
+        InvalidUIDError: ``study_uid`` or ``source_sop_uid`` is not a valid UID.
+    """
     require_uid(study_uid, "Study Instance UID")
     require_uid(source_sop_uid, "source SOP Instance UID")
     return derive_uid("pneumo-sc", study_uid, source_sop_uid, model_version, int(revision))
@@ -80,7 +85,8 @@ def blend_heatmap(image: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
     grey = np.repeat(image[..., None], 3, axis=-1)
     alpha = (MAX_ALPHA * heat)[..., None]
     rgb = (1.0 - alpha) * grey + alpha * _heat_colours(heat)
-    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+    out: np.ndarray = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+    return out
 
 
 # Interpolated heatmaps (bicubic up-sampling) overshoot [0, 1] slightly; that
@@ -96,7 +102,8 @@ def _checked(arr: np.ndarray, what: str) -> np.ndarray:
         raise ValueError(f"{what} contains NaN or infinity")
     if arr.min() < -_RANGE_SLACK or arr.max() > 1.0 + _RANGE_SLACK:
         raise ValueError(f"{what} values must lie in [0, 1]")
-    return np.clip(arr, 0.0, 1.0)
+    clipped: np.ndarray = np.clip(arr, 0.0, 1.0)
+    return clipped
 
 
 @lru_cache(maxsize=1)
@@ -172,11 +179,19 @@ def build_heatmap_sc(
     """Build the heatmap Secondary Capture for ``source``.
 
     ``image`` is the array :func:`dicom_io.pixels.read_pixels` returned for
-    ``source``; ``heatmap`` is float [0, 1] of the same shape. Raises
-    ``ValueError`` on shape or value problems.
+    ``source``; ``heatmap`` is float [0, 1] of the same shape. The header
+    values copied from ``source`` are sanitised first
+    (:func:`dicom_io.sanitize.sanitized_copy`).
+
+    Raises:
+        ValueError: shape or value problems of ``image``/``heatmap``, a
+            negative ``revision``, or invalid source UIDs.
     """
     if revision < 0:
         raise ValueError("revision must be >= 0")
+    # Patient and study attributes are copied from the source: invalid dates
+    # or NULs there must not fail the build (the caller's data set is unchanged).
+    source, _fixes = sanitized_copy(source)
     study_uid = require_uid(source.get("StudyInstanceUID"), "Study Instance UID")
     source_uid = require_uid(source.get("SOPInstanceUID"), "source SOP Instance UID")
     rgb = burn_in_text(blend_heatmap(image, heatmap))
@@ -227,7 +242,7 @@ def _add_attributes(
     if orientation is None:
         # Patient Orientation is Type 2C in the General Image module (PS3.3
         # §C.7.6.1): present but empty when we do not know it, never invented.
-        sc.PatientOrientation = None
+        sc.PatientOrientation = None  # type: ignore[assignment]  # empty Type 2C
     sc.BurnedInAnnotation = "YES"
     sc.ConversionType = "WSD"  # PS3.3 §C.8.6.1: workstation
     sc.SecondaryCaptureDeviceManufacturer = lo(algorithm.manufacturer)
@@ -248,5 +263,4 @@ def _add_attributes(
         # when the body part might be paired. Without Body Part Examined that
         # cannot be ruled out, so it is sent empty (= unknown); with CHEST
         # (unpaired) it must be absent.
-        sc.Laterality = None
-
+        sc.Laterality = None  # type: ignore[assignment]  # empty Type 2C

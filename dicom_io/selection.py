@@ -43,10 +43,11 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 from os import PathLike
-from pathlib import Path
 
-import pydicom
 from pydicom.dataset import Dataset
+
+from dicom_io.part10 import read_header
+from dicom_io.pixels import PixelErrorKind
 
 __all__ = ["Selection", "SkipReason", "select_instance", "select_file"]
 
@@ -59,10 +60,15 @@ class SkipReason(str, Enum):
     """
 
     NO_PIXEL_DATA = "no-pixel-data"
+    """Neither Pixel Data nor image attributes (Rows)."""
     LATERAL_VIEW = "lateral-view"
+    """View Position (or Patient Position) says lateral."""
     MULTI_FRAME = "multi-frame"
+    """Number of Frames is not 1 (or unparseable)."""
     FOR_PROCESSING = "for-processing"
+    """DX For Processing: raw detector data (PS3.3 §C.8.11.1)."""
     UNREADABLE = "unreadable"
+    """The file or its header cannot be read at all."""
 
     def __str__(self) -> str:  # so f"{SkipReason.X}" gives the code
         return self.value
@@ -84,9 +90,13 @@ class SkipReason(str, Enum):
         return f"not-monochrome:{_code(value)}"
 
     @staticmethod
-    def undecodable(kind: str) -> str:
-        """For a :class:`dicom_io.pixels.PixelReadError` ``kind`` found when reading pixels."""
-        return f"undecodable:{_code(kind, keep='-')}"
+    def undecodable(kind: PixelErrorKind) -> str:
+        """``undecodable:<kind>`` for a :class:`dicom_io.pixels.PixelReadError` ``kind``.
+
+        Raises:
+            ValueError: ``kind`` is not a :class:`PixelErrorKind` (nor one's code).
+        """
+        return f"undecodable:{PixelErrorKind(kind).value}"
 
 
 @dataclass(frozen=True)
@@ -125,15 +135,29 @@ LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLAT", "RLAT"})
 # PS3.3 §C.7.3.1.1.2 defined terms for Patient Position: say nothing about the view.
 PATIENT_POSITIONS = frozenset(
     {
-        "HFP", "HFS", "HFDR", "HFDL", "FFDR", "FFDL", "FFP", "FFS",
-        "LFP", "LFS", "RFP", "RFS", "AFDR", "AFDL", "PFDR", "PFDL",
+        "HFP",
+        "HFS",
+        "HFDR",
+        "HFDL",
+        "FFDR",
+        "FFDL",
+        "FFP",
+        "FFS",
+        "LFP",
+        "LFS",
+        "RFP",
+        "RFS",
+        "AFDR",
+        "AFDL",
+        "PFDR",
+        "PFDL",
     }
 )
 
 _NOT_CODE = re.compile(r"[^A-Z0-9_ ]")
 
 
-def _code(value: object, keep: str = "") -> str:
+def _code(value: object) -> str:
     """Normalise a header value for use inside a reason code.
 
     Code strings (CS, PS3.5 §6.2) are at most 16 characters of A-Z, 0-9,
@@ -144,8 +168,6 @@ def _code(value: object, keep: str = "") -> str:
     text = str(value if value is not None else "").strip()
     if not text:
         return "none"
-    if keep:
-        return re.sub(rf"[^A-Za-z0-9_{re.escape(keep)}]", "_", text)[:64]
     return _NOT_CODE.sub("_", text.upper())[:16]
 
 
@@ -162,6 +184,7 @@ def select_instance(ds: Dataset) -> Selection:
     """Decide whether ``ds`` is a frontal chest radiograph the model may read.
 
     Header only: pixel data is never decoded (see the module docstring for the rules).
+    Never raises: a header that cannot be judged gives ``SkipReason.UNREADABLE``.
     """
     try:
         return _select(ds)
@@ -172,7 +195,7 @@ def select_instance(ds: Dataset) -> Selection:
 def select_file(path: str | PathLike[str]) -> Selection:
     """:func:`select_instance` for a file; an unparseable file gives ``unreadable``."""
     try:
-        ds = pydicom.dcmread(Path(path), stop_before_pixels=True, force=True)
+        ds = read_header(path)
     except Exception:
         return Selection.skip(SkipReason.UNREADABLE)
     # stop_before_pixels hides Pixel Data; rule 1 then relies on Rows.

@@ -10,17 +10,20 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import pydicom
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
+from pynetdicom.presentation import PresentationContext
 
 from dicom_io.config import Destination, TLSConfig, validate_ae_title
-from dicom_io.listener import set_nodelay
+from dicom_io.tuning import set_nodelay
 from dicom_io.uids import is_valid_uid
+
+__all__ = ["MAX_CONTEXTS", "SendResult", "expand_paths", "send_files"]
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +93,35 @@ def _inspect(path: Path) -> _Item | str:
     return _Item(path=path, sop_class_uid=sop_class, transfer_syntax_uid=ts)
 
 
+def _require_peer_verification(tls: TLSConfig | None) -> None:
+    if tls is not None and tls.ca_file is None:
+        raise ValueError(
+            "TLSConfig.ca_file is required when sending over TLS: the peer's "
+            "certificate must be verified"
+        )
+
+
 def _client_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
-    """Client-side DICOM TLS (PS3.15 Annex B.9); presents our certificate for mutual TLS."""
+    """Client-side DICOM TLS (PS3.15 Annex B.9): the peer is verified, our certificate presented.
+
+    The peer's certificate must chain to ``tls.ca_file`` (``CERT_REQUIRED``).
+    Host names are not matched: PACS peers are usually addressed by IP and
+    their certificates rarely carry it, so trust is anchored in the
+    (hospital's own) CA instead.
+    """
+    _require_peer_verification(tls)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    # PACS peers are usually addressed by IP; trust is anchored in the CA.
     ctx.check_hostname = False
-    if tls.ca_file is not None:
-        ctx.load_verify_locations(cafile=str(tls.ca_file))
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    else:
-        ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_verify_locations(cafile=str(tls.ca_file))
+    ctx.verify_mode = ssl.CERT_REQUIRED  # already the default for TLS_CLIENT; stated
     ctx.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
     return ctx
 
 
-def _batches(items: list[_Item]) -> list[tuple[list[_Item], list]]:
+def _batches(items: list[_Item]) -> list[tuple[list[_Item], list[PresentationContext]]]:
     """Group items so each association needs at most MAX_CONTEXTS contexts."""
-    batches: list[tuple[list[_Item], list]] = []
+    batches: list[tuple[list[_Item], list[tuple[str, str]]]] = []
     keys: dict[tuple[str, str], None] = {}
     current: list[_Item] = []
     for item in items:
@@ -144,12 +158,13 @@ def _send_once(
         ae = AE(ae_title=calling_ae)
         ae.requested_contexts = contexts
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-        kwargs = {}
-        if tls is not None:
-            kwargs["tls_args"] = (_client_ssl_context(tls), None)
+        tls_args = (_client_ssl_context(tls), None) if tls is not None else None
         try:
             assoc = ae.associate(
-                destination.host, destination.port, ae_title=destination.ae_title, **kwargs
+                destination.host,
+                destination.port,
+                ae_title=destination.ae_title,
+                tls_args=tls_args,  # type: ignore[arg-type]  # pynetdicom: hostname may be None
             )
         except Exception as exc:  # e.g. TLS handshake errors
             failed += [(i.path, f"association failed ({type(exc).__name__})") for i in batch]
@@ -201,9 +216,15 @@ def send_files(
     Failures are retried up to ``retries`` times, waiting ``backoff_seconds``,
     then twice that, and so on; only what failed is sent again. Files that are
     not readable DICOM are reported as failed without retrying. Nothing is
-    deleted.
+    deleted. With ``tls`` the peer's certificate is verified against
+    ``tls.ca_file``.
+
+    Raises:
+        ValueError: ``calling_ae`` is not a valid AE title, or ``tls`` has no
+            ``ca_file`` (an unverified peer is never sent PHI).
     """
     calling_ae = validate_ae_title(calling_ae)
+    _require_peer_verification(tls)
     files = expand_paths(paths)
     items: list[_Item] = []
     unreadable: list[tuple[Path, str]] = []
@@ -229,7 +250,11 @@ def send_files(
         delay = backoff_seconds * 2 ** (attempts - 1)
         log.warning(
             "send to %s: %d of %d objects failed (attempt %d), retrying in %.1fs",
-            destination, len(last_failed), len(pending), attempts, delay,
+            destination,
+            len(last_failed),
+            len(pending),
+            attempts,
+            delay,
         )
         time.sleep(delay)
         failed_paths = {p for p, _ in last_failed}

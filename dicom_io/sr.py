@@ -27,8 +27,8 @@ result again replaces the earlier object at the PACS instead of adding one.
 
 from __future__ import annotations
 
-import warnings
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,6 +54,7 @@ from highdicom.sr import (
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from dicom_io.sanitize import sanitize_header
 from dicom_io.uids import derive_uid, require_uid
 
 try:  # the same check highdicom's Image Library applies (private API: guarded)
@@ -62,6 +63,7 @@ except ImportError:  # pragma: no cover - older/newer highdicom
 
     def does_iod_have_pixel_data(sop_class_uid: str) -> bool:
         return True
+
 
 __all__ = [
     "AlgorithmInfo",
@@ -159,7 +161,11 @@ class ImageFinding:
 
 
 def result_sr_uid(study_uid: str, model_version: str, revision: int) -> str:
-    """SOP Instance UID of the result SR for (study, model version, revision)."""
+    """SOP Instance UID of the result SR for (study, model version, revision).
+
+    Raises:
+        InvalidUIDError: ``study_uid`` is not a valid UID (PS3.5 §9.1).
+    """
     require_uid(study_uid, "Study Instance UID")
     return derive_uid("pneumo-sr", study_uid, model_version, int(revision))
 
@@ -187,8 +193,12 @@ def _finding_group(
             QualitativeEvaluation(name=PNEUMONIA, value=PRESENT if finding.present else ABSENT)
         ],
         measurements=[
-            Measurement(name=PROBABILITY, value=float(finding.probability), unit=NO_UNITS,
-                        algorithm_id=algorithm_id),
+            Measurement(
+                name=PROBABILITY,
+                value=float(finding.probability),
+                unit=NO_UNITS,
+                algorithm_id=algorithm_id,
+            ),
             Measurement(name=THRESHOLD, value=float(finding.threshold), unit=NO_UNITS),
         ],
     )
@@ -215,24 +225,45 @@ def _text_container(summary: str, flags: Sequence[str]) -> ContainerContentItem:
 # Most are Type 2 (PS3.3 §C.7.1.1, §C.7.2.1): present, possibly empty. Real
 # images often omit them altogether, which highdicom does not tolerate.
 _STUDY_KEYWORDS = (
-    "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
-    "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
 )
 _REFERENCE_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
 
 
+def _copy_elements(ds: Dataset, keywords: Sequence[str]) -> Dataset:
+    """The elements of ``ds`` named by ``keywords`` (and its character set), sanitised.
+
+    Elements are copied as read (not converted), then :func:`sanitize_header`
+    blanks invalid dates/times and strips NULs, so a malformed header value
+    never fails the build, nor reaches a log line.
+    """
+    out = Dataset()
+    for kw in ("SpecificCharacterSet", *keywords):
+        if kw in ds:
+            elem = ds.get_item(kw)
+            if elem is not None:
+                out[elem.tag] = elem
+    sanitize_header(out)
+    return out
+
+
 def _evidence_header(ds: Dataset) -> Dataset:
-    """The header subset the SR needs from an evidence object.
+    """The header subset the SR needs from an evidence object, sanitised.
 
     Absent Type 2 attributes are added empty.
     """
-    out = Dataset()
-    for kw in _REFERENCE_KEYWORDS:
-        setattr(out, kw, ds[kw].value)
+    out = _copy_elements(ds, (*_REFERENCE_KEYWORDS, *_STUDY_KEYWORDS))
     for kw in _STUDY_KEYWORDS:
-        setattr(out, kw, ds[kw].value if kw in ds else None)
-    if "SpecificCharacterSet" in ds:
-        out.SpecificCharacterSet = ds.SpecificCharacterSet
+        if kw not in out:
+            setattr(out, kw, None)
     return out
 
 
@@ -246,17 +277,26 @@ def _library_header(ds: Dataset) -> Dataset:
     descriptors) otherwise. This copy never leaves the function: the
     library's Modality descriptor is coded from the SOP Class either way.
     """
-    out = Dataset()
-    for kw in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "StudyDate",
-               "AcquisitionDate", "ContentDate"):
-        if kw in ds:
-            setattr(out, kw, ds[kw].value)
+    out = _copy_elements(
+        ds,
+        (
+            "SOPClassUID",
+            "SOPInstanceUID",
+            "Rows",
+            "Columns",
+            "StudyDate",
+            "AcquisitionDate",
+            "ContentDate",
+        ),
+    )
     orientation = ds.get("PatientOrientation")
     spacing = ds.get("ImagerPixelSpacing")
     if (
         str(ds.get("Modality", "")) in ("CR", "DX")
-        and orientation is not None and len(orientation) == 2
-        and spacing is not None and len(spacing) == 2
+        and orientation is not None
+        and len(orientation) == 2
+        and spacing is not None
+        and len(spacing) == 2
     ):
         out.Modality = ds.Modality
         out.PatientOrientation = orientation
@@ -296,8 +336,15 @@ def build_result_sr(
 
     ``evidence`` is every image of the study the SR talks about (headers are
     enough); each ``findings[i].source`` must be among them, and there must be
-    at least one finding. Raises ``ValueError`` when evidence spans several
-    studies, a finding's image is not in the evidence, or there is no finding.
+    at least one finding. Patient and study values are copied sanitised
+    (:mod:`dicom_io.sanitize`): an invalid date or a NUL in an ID never fails
+    the build, and the caller's data sets are not changed.
+
+    Raises:
+        ValueError: evidence spans several studies, a finding's image is not
+            in the evidence, there is no evidence or no finding, ``revision``
+            is negative, or an evidence UID is invalid
+            (:class:`dicom_io.uids.InvalidUIDError`).
     """
     if not evidence:
         raise ValueError("evidence must contain at least one image")
@@ -345,8 +392,15 @@ def build_result_sr(
     ]
     with no_phi_warnings():
         return _assemble(
-            study_uid, sr_uid, revision, algorithm, observation_context, groups, evidence,
-            summary, flags,
+            study_uid,
+            sr_uid,
+            revision,
+            algorithm,
+            observation_context,
+            groups,
+            evidence,
+            summary,
+            flags,
         )
 
 

@@ -10,6 +10,15 @@ from __future__ import annotations
 import hashlib
 import re
 
+__all__ = [
+    "MAX_UID_LENGTH",
+    "UID_ROOT",
+    "InvalidUIDError",
+    "derive_uid",
+    "is_valid_uid",
+    "require_uid",
+]
+
 MAX_UID_LENGTH = 64
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -32,9 +41,11 @@ def is_valid_uid(value: object) -> bool:
 
 
 def require_uid(value: object, what: str = "UID") -> str:
-    """Return ``value`` if it is a valid UID; raise :class:`InvalidUIDError` otherwise.
+    """Return ``value`` if it is a valid UID.
 
-    The message never echoes the value itself: a malformed "UID" may carry PHI.
+    Raises:
+        InvalidUIDError: ``value`` does not follow PS3.5 §9.1; the message names
+            ``what`` and the length, never the value (a malformed "UID" may carry PHI).
     """
     if not is_valid_uid(value):
         length = len(value) if isinstance(value, str) else "n/a"

@@ -20,6 +20,8 @@ import math
 import numpy as np
 import torch
 
+__all__ = ["apply_temperature", "fit_platt", "fit_temperature", "threshold_for_sensitivity"]
+
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 200) -> float:
     """Temperature T > 0 minimising the binary NLL of ``sigmoid(logits / T)``."""
@@ -33,10 +35,10 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 200)
     def closure() -> torch.Tensor:
         opt.zero_grad()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(z / log_t.exp(), y)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         return loss
 
-    opt.step(closure)
+    opt.step(closure)  # type: ignore[no-untyped-call]
     t = float(log_t.detach().exp())
     return t if math.isfinite(t) and 0.01 < t < 100 else 1.0
 
@@ -49,17 +51,15 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray, max_iter: int = 200) -> tu
         return 1.0, 0.0
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t, bias], lr=0.5, max_iter=max_iter,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([log_t, bias], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            z / log_t.exp() + bias, y)
-        loss.backward()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z / log_t.exp() + bias, y)
+        loss.backward()  # type: ignore[no-untyped-call]
         return loss
 
-    opt.step(closure)
+    opt.step(closure)  # type: ignore[no-untyped-call]
     t, b = float(log_t.detach().exp()), float(bias.detach())
     if not (math.isfinite(t) and math.isfinite(b) and 0.01 < t < 100):
         return 1.0, 0.0

@@ -11,7 +11,15 @@ Usage (after evaluating each set with ``pneumo evaluate --data ... --out DIR``):
     python -m model.card --weights model/weights/pneumonet-1.0.0.pt \\
         --eval kermany/test=runs/kermany-test/metrics.json \\
         --eval pneumoniamnist/test=runs/mnist/metrics.json \\
-        --ood-check runs/ood-check.json --note "free text" ...
+        --ood-check runs/ood-check.json --note "free text" \\
+        --experiment resnet18-shift=/work/runs/r18-shift-v2/export/pneumonet-2.0.0.pt:test \\
+        --experiment quick=/work/runs/quick/export/pneumonet-2.0.0-quick.pt ...
+
+Each ``--experiment NAME=WEIGHTS[:test]`` adds a row to the card's experiment table
+(validation and perturbed-validation figures, CPU time) from what that candidate's
+weights file recorded; ``:test`` marks candidates that were scored on ``kermany/test``,
+so the card's log says which ones saw it (issue 12: test is scored once per final
+candidate, and nothing is chosen on it).
 """
 
 from __future__ import annotations
@@ -29,9 +37,30 @@ import torch
 
 from model.inference import sha256_file
 
+__all__ = [
+    "INTENDED_USE",
+    "LIMITATIONS",
+    "METRIC_ORDER",
+    "PRIMARY_SET",
+    "TARGETS",
+    "build_card",
+    "experiment_row",
+    "main",
+    "render_markdown",
+    "target_status",
+    "write_model_card",
+]
+
 METRIC_ORDER = (
-    "roc_auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "pr_auc",
-    "brier", "ece",
+    "roc_auc",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "f1",
+    "pr_auc",
+    "brier",
+    "ece",
 )
 
 #: Issue 3 targets on kermany/test: metric -> (comparison, value).
@@ -88,25 +117,64 @@ def target_status(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def experiment_row(name: str, weights: Path, *, saw_test: bool = False) -> dict[str, Any]:
+    """One row of the experiment table, from what a candidate's weights file recorded."""
+    payload = torch.load(Path(weights), map_location="cpu", weights_only=False)
+    tr = payload.get("training", {})
+    plain, shifted = tr.get("validation") or {}, tr.get("validation_perturbed") or {}
+    cfg = tr.get("config", {})
+    return {
+        "candidate": name,
+        "arch": payload["net_config"].get("arch", "pneumonet"),
+        "recipe": {k: cfg.get(k) for k in ("epochs", "shift_prob", "label_smoothing", "mixup")},
+        "epochs_run": tr.get("epochs_run"),
+        "val_auc": plain.get("roc_auc"),
+        "perturbed_val_auc": shifted.get("roc_auc"),
+        "perturbed_val_sensitivity": shifted.get("sensitivity"),
+        "perturbed_val_specificity": shifted.get("specificity"),
+        "cpu_minutes": round((tr.get("train_seconds") or 0.0) / 60, 1),
+        "saw_test": saw_test,
+    }
+
+
 def build_card(
     weights: Path,
     evaluations: Mapping[str, Mapping[str, Any]],
     *,
     ood_check: Mapping[str, Any] | None = None,
     notes: Sequence[str] = (),
+    experiments: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The card as a JSON-ready dict."""
     weights = Path(weights)
     payload = torch.load(weights, map_location="cpu", weights_only=False)
-    n_params = int(sum(v.numel() for k, v in payload["state_dict"].items()
-                       if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))))
+    n_params = int(
+        sum(
+            v.numel()
+            for k, v in payload["state_dict"].items()
+            if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+        )
+    )
     tr = payload.get("training", {})
+    arch = payload["net_config"].get("arch", "pneumonet")
+    perturbed = tr.get("validation_perturbed")
+    cfg = tr.get("config", {})
     sha = sha256_file(weights)
     evals = {}
     for name, m in evaluations.items():
         evals[name] = {k: m[k] for k in METRIC_ORDER if k in m}
-        for k in ("n", "n_total", "n_positive", "n_negative", "n_not_processed", "not_processed",
-                  "confusion", "model_sha256", "model_version", "threshold"):
+        for k in (
+            "n",
+            "n_total",
+            "n_positive",
+            "n_negative",
+            "n_not_processed",
+            "not_processed",
+            "confusion",
+            "model_sha256",
+            "model_version",
+            "threshold",
+        ):
             if k in m:
                 evals[name][k] = m[k]
         if m.get("model_sha256") not in (None, sha):
@@ -117,21 +185,23 @@ def build_card(
         "weights_file": weights.name,
         "sha256": sha,
         "size_bytes": weights.stat().st_size,
-        "card_written": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "card_written": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         "intended_use": INTENDED_USE,
         "intended_population": payload.get("intended_population"),
         "max_age_years": payload.get("max_age_years"),
         "data": {
             "training_set": "Kermany et al. 2018 pediatric CXR, 'train' split only "
-                            "(shared/data/kermany/train)",
+            "(shared/data/kermany/train)",
             "validation": "carved from train at patient level (personNNN / IM-xxxx), "
-                          f"val_fraction {tr.get('config', {}).get('val_fraction')}",
-            "n_train": tr.get("n_train"), "n_train_pneumonia": tr.get("n_train_pneumonia"),
+            f"val_fraction {tr.get('config', {}).get('val_fraction')}",
+            "n_train": tr.get("n_train"),
+            "n_train_pneumonia": tr.get("n_train_pneumonia"),
             "n_train_patients": tr.get("n_train_patients"),
-            "n_val": tr.get("n_val"), "n_val_pneumonia": tr.get("n_val_pneumonia"),
+            "n_val": tr.get("n_val"),
+            "n_val_pneumonia": tr.get("n_val_pneumonia"),
             "n_val_patients": tr.get("n_val_patients"),
             "test_use": "kermany/test was used only for the final evaluation below; no "
-                        "choice (epochs, threshold, temperature, architecture) was made on it",
+            "choice (epochs, threshold, temperature, architecture) was made on it",
         },
         "preprocessing": (
             f"float [0,1] grayscale -> squash-resize to {payload['input_size']}x"
@@ -139,42 +209,69 @@ def build_card(
             "zero mean / unit variance, clipped to +-6 (model/preprocess.py)"
         ),
         "architecture": {
-            "type": "compact ResNet (BasicBlock), 1-channel input, trained from scratch",
+            "type": (
+                "compact ResNet (BasicBlock), 1-channel input, trained from scratch"
+                if arch == "pneumonet"
+                else f"torchvision {arch} built with weights=None and a 1-channel stem, "
+                "trained from scratch"
+            ),
             "config": payload["net_config"],
             "parameters": n_params,
             "input_size": payload["input_size"],
             "test_time_augmentation": payload.get("tta"),
         },
         "training": {
-            k: tr.get(k) for k in ("best_epoch", "epochs_run", "stopped_early", "train_seconds",
-                                   "wall_seconds", "machine", "device")
-        } | {
+            k: tr.get(k)
+            for k in (
+                "best_epoch",
+                "epochs_run",
+                "stopped_early",
+                "train_seconds",
+                "wall_seconds",
+                "machine",
+                "device",
+            )
+        }
+        | {
             "recipe": "AdamW, warm-up + cosine LR, class-balanced BCE, EMA of weights, "
-                      "augmentation: mirror, rotation +-10 deg, scale 0.88-1.12, shift +-6 %, "
-                      "down-up resampling, blur/sharpen, window, gamma, noise; early stopping "
-                      "on validation ROC AUC",
+            "augmentation: mirror, rotation +-10 deg, scale 0.88-1.12, shift +-6 %, "
+            "down-up resampling, blur/sharpen, window, gamma, noise"
+            + (
+                f"; acquisition perturbations (model.shift) on {cfg.get('shift_prob')} of the "
+                f"images, label smoothing {cfg.get('label_smoothing')}, mixup "
+                f"{cfg.get('mixup')}; early stopping and best epoch on the mean of plain and "
+                "perturbed validation ROC AUC"
+                if perturbed
+                else "; early stopping on validation ROC AUC"
+            ),
             "config": tr.get("config"),
             "history": tr.get("history"),
         },
         "calibration": {
             "method": "temperature scaling with a bias term, p = sigmoid(logit / T + b), fitted "
-                      "on validation by NLL (Guo et al. 2017; Platt 1999); mirror-TTA logits",
+            "by NLL (Guo et al. 2017; Platt 1999) on "
+            + ("plain and perturbed validation together" if perturbed else "validation")
+            + ("; mirror-TTA logits" if payload.get("tta") != "none" else ""),
             "temperature": payload["temperature"],
             "bias": payload.get("bias", 0.0),
             "threshold": payload["threshold"],
-            "threshold_rule": f"highest threshold with validation sensitivity >= "
-                              f"{payload.get('target_sensitivity')}",
+            "threshold_rule": "highest threshold with "
+            + ("perturbed-validation" if perturbed else "validation")
+            + f" sensitivity >= {payload.get('target_sensitivity')}",
             "validation": tr.get("validation"),
+            "validation_perturbed": perturbed,
         },
         "ood_guard": {
             "method": "per-stage Mahalanobis distance (Lee et al. 2018) on the channel "
-                      "mean/std of each ResNet stage, fitted on training radiographs, each "
-                      "normalised by its validation 99.5th percentile; score = max over "
-                      "stages; threshold = 1.25 x the validation 99.5th percentile",
+            "mean/std of each ResNet stage, fitted on training radiographs, each "
+            "normalised by its validation 99.5th percentile; score = max over "
+            "stages; threshold = 1.25 x the validation 99.5th percentile",
             "threshold": float(payload["ood"]["threshold"]),
             "check": dict(ood_check) if ood_check else None,
         },
         "evaluations": evals,
+        "experiments": [dict(row) for row in experiments],
+        "test_log": [row["candidate"] for row in experiments if row.get("saw_test")],
         "targets": target_status(evaluations.get(PRIMARY_SET, {})),
         "limitations": list(LIMITATIONS),
         "notes": list(notes),
@@ -195,53 +292,104 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     """The human card."""
     L: list[str] = []
     L.append(f"# Model card: {card['name']} {card['version']}\n")
-    L.append(f"Weights `{card['weights_file']}` ({card['size_bytes'] / 1e6:.1f} MB), "
-             f"sha256 `{card['sha256']}`.\n")
+    L.append(
+        f"Weights `{card['weights_file']}` ({card['size_bytes'] / 1e6:.1f} MB), "
+        f"sha256 `{card['sha256']}`.\n"
+    )
     L.append("## Intended use\n")
     L.append(card["intended_use"] + "\n")
     d = card["data"]
     L.append("## Data and split\n")
-    L.append(f"- Training: {d['training_set']}: {d['n_train']} images "
-             f"({d['n_train_pneumonia']} pneumonia) from {d['n_train_patients']} patients.")
-    L.append(f"- Validation ({d['validation']}): {d['n_val']} images "
-             f"({d['n_val_pneumonia']} pneumonia) from {d['n_val_patients']} patients.")
+    L.append(
+        f"- Training: {d['training_set']}: {d['n_train']} images "
+        f"({d['n_train_pneumonia']} pneumonia) from {d['n_train_patients']} patients."
+    )
+    L.append(
+        f"- Validation ({d['validation']}): {d['n_val']} images "
+        f"({d['n_val_pneumonia']} pneumonia) from {d['n_val_patients']} patients."
+    )
     L.append(f"- {d['test_use']}.\n")
     L.append("## Preprocessing\n")
     L.append(card["preprocessing"] + ".\n")
     a = card["architecture"]
     L.append("## Architecture\n")
-    L.append(f"{a['type']}; config `{json.dumps(a['config'])}`; {a['parameters']:,} parameters; "
-             f"input {a['input_size']}x{a['input_size']}; test-time augmentation: "
-             f"{a['test_time_augmentation']}.\n")
+    L.append(
+        f"{a['type']}; config `{json.dumps(a['config'])}`; {a['parameters']:,} parameters; "
+        f"input {a['input_size']}x{a['input_size']}; test-time augmentation: "
+        f"{a['test_time_augmentation']}.\n"
+    )
     t = card["training"]
     L.append("## Training\n")
     mins = (t.get("train_seconds") or 0) / 60
-    L.append(f"{t['recipe']}. {t.get('epochs_run')} epochs run, best epoch {t.get('best_epoch')}"
-             f"{' (early stop)' if t.get('stopped_early') else ''}; {mins:.1f} min of training "
-             f"epochs (summed over resumed runs; calibration and export take ~2 min more), on "
-             f"{t.get('machine')} ({t.get('device')}).\n")
+    L.append(
+        f"{t['recipe']}. {t.get('epochs_run')} epochs run, best epoch {t.get('best_epoch')}"
+        f"{' (early stop)' if t.get('stopped_early') else ''}; {mins:.1f} min of training "
+        f"epochs (summed over resumed runs; calibration and export take ~2 min more), on "
+        f"{t.get('machine')} ({t.get('device')}).\n"
+    )
     if t.get("history"):
-        L.append("| epoch | train loss | val loss | val AUC | seconds |")
-        L.append("|---|---|---|---|---|")
+        L.append("| epoch | train loss | val loss | val AUC | perturbed val AUC | seconds |")
+        L.append("|---|---|---|---|---|---|")
         for h in t["history"]:
-            L.append(f"| {h['epoch']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} | "
-                     f"{h['val_auc']:.4f} | {h['seconds']:.0f} |")
+            shifted = h.get("val_auc_perturbed")
+            L.append(
+                f"| {h['epoch']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} | "
+                f"{h['val_auc']:.4f} | {'n/a' if shifted is None else f'{shifted:.4f}'} | "
+                f"{h['seconds']:.0f} |"
+            )
         L.append("")
+    if card.get("experiments"):
+        L.append("## Experiments (chosen on validation, never on test)\n")
+        L.append(
+            "| candidate | arch | epochs | val AUC | perturbed val AUC | perturbed sens. | "
+            "perturbed spec. | CPU min | scored on test |"
+        )
+        L.append("|---|---|---|---|---|---|---|---|---|")
+        for r in card["experiments"]:
+            cells = [
+                "n/a" if r.get(k) is None else f"{r[k]:.4f}"
+                for k in (
+                    "val_auc",
+                    "perturbed_val_auc",
+                    "perturbed_val_sensitivity",
+                    "perturbed_val_specificity",
+                )
+            ]
+            L.append(
+                f"| {r['candidate']} | {r['arch']} | {r.get('epochs_run')} | "
+                + " | ".join(cells)
+                + f" | {r.get('cpu_minutes')} | {'yes' if r.get('saw_test') else 'no'} |"
+            )
+        L.append(
+            "\nCandidates scored on kermany/test: "
+            + (", ".join(card["test_log"]) or "none")
+            + ".\n"
+        )
     c = card["calibration"]
     L.append("## Calibration and operating point\n")
-    L.append(f"{c['method']}: temperature **{c['temperature']:.4f}**, bias "
-             f"**{c['bias']:.4f}**; operating threshold "
-             f"**{c['threshold']:.4f}** on the calibrated probability ({c['threshold_rule']}).")
-    if c.get("validation"):
-        v = c["validation"]
-        L.append(f"On validation: AUC {v['roc_auc']:.4f}, sensitivity {v['sensitivity']:.3f}, "
-                 f"specificity {v['specificity']:.3f}, ECE {v['ece_uncalibrated']:.3f} before / "
-                 f"{v['ece']:.3f} after calibration (fitted and measured on the same split).")
+    L.append(
+        f"{c['method']}: temperature **{c['temperature']:.4f}**, bias "
+        f"**{c['bias']:.4f}**; operating threshold "
+        f"**{c['threshold']:.4f}** on the calibrated probability ({c['threshold_rule']})."
+    )
+    for key, label in (
+        ("validation", "validation"),
+        ("validation_perturbed", "perturbed validation"),
+    ):
+        v = c.get(key)
+        if v:
+            L.append(
+                f"On {label}: AUC {v['roc_auc']:.4f}, sensitivity {v['sensitivity']:.3f}, "
+                f"specificity {v['specificity']:.3f}, ECE {v['ece_uncalibrated']:.3f} before / "
+                f"{v['ece']:.3f} after calibration (fitted and measured on the same split)."
+            )
     L.append("")
     o = card["ood_guard"]
     L.append("## Not-a-chest-radiograph guard\n")
-    L.append(f"{o['method']}. Threshold **{o['threshold']:.3f}**: images scoring above it are "
-             "reported as 'not processed: not a chest radiograph' instead of a probability.")
+    L.append(
+        f"{o['method']}. Threshold **{o['threshold']:.3f}**: images scoring above it are "
+        "reported as 'not processed: not a chest radiograph' instead of a probability."
+    )
     if o.get("check"):
         L.append("")
         for k, v in o["check"].items():
@@ -261,7 +409,11 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     L.append("|---|---|---|---|")
     for name, s in card["targets"].items():
         val = "n/a" if s["value"] is None else f"{s['value']:.4f}"
-        met = "n/a" if s["met"] is None else ("yes" if s["met"] else f"**no** (missed by {s['missed_by']})")
+        met = (
+            "n/a"
+            if s["met"] is None
+            else ("yes" if s["met"] else f"**no** (missed by {s['missed_by']})")
+        )
         L.append(f"| {name} | {s['target']} | {val} | {met} |")
     L.append("")
     L.append("## Known limitations\n")
@@ -282,10 +434,13 @@ def write_model_card(
     ood_check: Mapping[str, Any] | None = None,
     notes: Sequence[str] = (),
     out_dir: Path | None = None,
+    experiments: Sequence[Mapping[str, Any]] = (),
 ) -> tuple[Path, Path]:
     """Write ``<stem>.md`` and ``<stem>.json`` beside the weights (or in ``out_dir``)."""
     weights = Path(weights)
-    card = build_card(weights, evaluations, ood_check=ood_check, notes=notes)
+    card = build_card(
+        weights, evaluations, ood_check=ood_check, notes=notes, experiments=experiments
+    )
     out = Path(out_dir) if out_dir else weights.parent
     out.mkdir(parents=True, exist_ok=True)
     md = out / f"{weights.stem}.md"
@@ -298,10 +453,22 @@ def write_model_card(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model.card", description=__doc__.split("\n")[0])
     p.add_argument("--weights", type=Path, required=True)
-    p.add_argument("--eval", action="append", default=[], metavar="NAME=METRICS_JSON",
-                   help="an evaluation's metrics.json (repeatable)")
+    p.add_argument(
+        "--eval",
+        action="append",
+        default=[],
+        metavar="NAME=METRICS_JSON",
+        help="an evaluation's metrics.json (repeatable)",
+    )
     p.add_argument("--ood-check", type=Path, help="JSON object summarising the guard check")
     p.add_argument("--note", action="append", default=[])
+    p.add_argument(
+        "--experiment",
+        action="append",
+        default=[],
+        metavar="NAME=WEIGHTS[:test]",
+        help="a candidate for the experiment table; ':test' if it was scored on kermany/test",
+    )
     p.add_argument("--out-dir", type=Path)
     args = p.parse_args(argv)
     evaluations = {}
@@ -311,8 +478,23 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--eval needs NAME=FILE, got {spec!r}")
         evaluations[name] = json.loads(Path(file).read_text())
     ood = json.loads(args.ood_check.read_text()) if args.ood_check else None
-    md, js = write_model_card(args.weights, evaluations, ood_check=ood, notes=args.note,
-                              out_dir=args.out_dir)
+    experiments = []
+    for spec in args.experiment:
+        name, _, file = spec.partition("=")
+        if not file:
+            p.error(f"--experiment needs NAME=WEIGHTS[:test], got {spec!r}")
+        saw_test = file.endswith(":test")
+        experiments.append(
+            experiment_row(name, Path(file.removesuffix(":test")), saw_test=saw_test)
+        )
+    md, js = write_model_card(
+        args.weights,
+        evaluations,
+        ood_check=ood,
+        notes=args.note,
+        out_dir=args.out_dir,
+        experiments=experiments,
+    )
     print(md)
     print(js)
     return 0

@@ -24,16 +24,33 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from model.datasets import LabelledDataset, LabelledItem
+from model.evaluation_sets import LabelledDataset, LabelledItem
+from model.inference import NOT_CHEST_CODE
 from model.metrics import (
     METRIC_NAMES,
     ConfusionCounts,
-    MetricValue,
     MetricsError,
+    MetricValue,
     compute_metrics,
     confusion_counts,
     metrics_to_json,
 )
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "PREDICTION_COLUMNS",
+    "EvaluationResult",
+    "NotProcessed",
+    "PredictionRecord",
+    "PredictorLike",
+    "evaluate",
+    "format_table",
+    "predict_dataset",
+    "read_predictions_csv",
+    "result_from_records",
+    "write_outputs",
+    "write_predictions_csv",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +58,30 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 32
 
 
-class NotProcessed(enum.Enum):
-    """Why an item has no probability."""
+class NotProcessed(str, enum.Enum):
+    """Why an item has no probability (the value is what ``predictions.csv`` records)."""
 
     UNREADABLE = "unreadable"
+    """The file could not be decoded (broken JPEG, a DICOM ``dicom_io`` cannot read)."""
     REJECTED = "rejected by the model's input checks"
-    NOT_CHEST = "not a chest radiograph"
+    """Decoded, but the preprocessing refused it (e.g. smaller than the network accepts)."""
+    NOT_CHEST = NOT_CHEST_CODE
+    """The out-of-distribution guard judged it not a chest radiograph (the worker's code)."""
+
+    @property
+    def description(self) -> str:
+        """Prose for people (tables, cards); the value stays the machine code."""
+        return "not a chest radiograph" if self is NotProcessed.NOT_CHEST else self.value
 
 
 class _PredictionLike(Protocol):
-    probability: float
-    ood_score: float
-    is_chest: bool
+    # read-only: ``model.inference.Prediction`` is a frozen dataclass
+    @property
+    def probability(self) -> float: ...
+    @property
+    def ood_score(self) -> float: ...
+    @property
+    def is_chest(self) -> bool: ...
 
 
 class PredictorLike(Protocol):
@@ -83,8 +112,11 @@ class PredictionRecord:
     def reason(self) -> str:
         if self.not_processed is None:
             return ""
-        return f"{self.not_processed.value}: {self.detail}" if self.detail else \
-            self.not_processed.value
+        return (
+            f"{self.not_processed.value}: {self.detail}"
+            if self.detail
+            else self.not_processed.value
+        )
 
 
 @dataclass(frozen=True)
@@ -143,23 +175,34 @@ class EvaluationResult:
             out.update({name: {"value": None, "ci95": [None, None]} for name in METRIC_NAMES})
         labels = self.labels
         confusion = self.confusion()
-        out.update({
-            "n": self.n,
-            "threshold": self.threshold,
-            "model_version": self.model_version,
-            "model_name": self.model_name,
-            "model_sha256": self.model_sha256,
-            "dataset": self.dataset,
-            "n_total": len(self.records),
-            "n_positive": int(np.count_nonzero(labels == 1)),
-            "n_negative": int(np.count_nonzero(labels == 0)),
-            "n_not_processed": len(self.records) - self.n,
-            "not_processed": self.not_processed_counts(),
-            "confusion": None if confusion is None else {
-                "tp": confusion.tp, "fp": confusion.fp, "tn": confusion.tn, "fn": confusion.fn},
-            "bootstrap": {"method": "stratified percentile", "n": self.n_bootstrap,
-                          "seed": self.seed},
-        })
+        out.update(
+            {
+                "n": self.n,
+                "threshold": self.threshold,
+                "model_version": self.model_version,
+                "model_name": self.model_name,
+                "model_sha256": self.model_sha256,
+                "dataset": self.dataset,
+                "n_total": len(self.records),
+                "n_positive": int(np.count_nonzero(labels == 1)),
+                "n_negative": int(np.count_nonzero(labels == 0)),
+                "n_not_processed": len(self.records) - self.n,
+                "not_processed": self.not_processed_counts(),
+                "confusion": None
+                if confusion is None
+                else {
+                    "tp": confusion.tp,
+                    "fp": confusion.fp,
+                    "tn": confusion.tn,
+                    "fn": confusion.fn,
+                },
+                "bootstrap": {
+                    "method": "stratified percentile",
+                    "n": self.n_bootstrap,
+                    "seed": self.seed,
+                },
+            }
+        )
         if self.metrics_error:
             out["metrics_error"] = self.metrics_error
         out.update(self.extra)
@@ -186,7 +229,7 @@ def predict_dataset(
     dataset: LabelledDataset,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> list[PredictionRecord]:
     """Score every item; never raises for a single bad item.
 
@@ -197,15 +240,18 @@ def predict_dataset(
     records: list[PredictionRecord] = []
     items = list(dataset)
     for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
+        chunk = items[start : start + batch_size]
         loaded: list[tuple[LabelledItem, np.ndarray]] = []
         for item in chunk:
             try:
                 loaded.append((item, dataset.load(item)))
             except Exception as exc:  # any decoder failure is this item's, not the run's
                 log.debug("not processed (unreadable): %s", item.ref)
-                records.append(PredictionRecord(item.ref, item.label, None, None,
-                                                NotProcessed.UNREADABLE, _short(exc)))
+                records.append(
+                    PredictionRecord(
+                        item.ref, item.label, None, None, NotProcessed.UNREADABLE, _short(exc)
+                    )
+                )
         records.extend(_predict_loaded(predictor, loaded))
         if progress is not None:
             progress(len(chunk))
@@ -214,8 +260,9 @@ def predict_dataset(
     return records
 
 
-def _predict_loaded(predictor: PredictorLike, loaded: list[tuple[LabelledItem, np.ndarray]]
-                    ) -> list[PredictionRecord]:
+def _predict_loaded(
+    predictor: PredictorLike, loaded: list[tuple[LabelledItem, np.ndarray]]
+) -> list[PredictionRecord]:
     if not loaded:
         return []
     try:
@@ -226,19 +273,30 @@ def _predict_loaded(predictor: PredictorLike, loaded: list[tuple[LabelledItem, n
         if len(loaded) == 1:
             item = loaded[0][0]
             log.debug("not processed (rejected): %s", item.ref)
-            return [PredictionRecord(item.ref, item.label, None, None, NotProcessed.REJECTED,
-                                     _short(exc))]
+            return [
+                PredictionRecord(
+                    item.ref, item.label, None, None, NotProcessed.REJECTED, _short(exc)
+                )
+            ]
         out: list[PredictionRecord] = []
         for pair in loaded:  # isolate the image that broke the batch
             out.extend(_predict_loaded(predictor, [pair]))
         return out
     out = []
-    for (item, _), pred in zip(loaded, preds):
+    for (item, _), pred in zip(loaded, preds, strict=True):
         prob = float(pred.probability)
         ood = float(pred.ood_score)
         if not pred.is_chest:
-            out.append(PredictionRecord(item.ref, item.label, prob, ood, NotProcessed.NOT_CHEST,
-                                        "out-of-distribution score above the guard's threshold"))
+            out.append(
+                PredictionRecord(
+                    item.ref,
+                    item.label,
+                    prob,
+                    ood,
+                    NotProcessed.NOT_CHEST,
+                    "out-of-distribution score above the guard's threshold",
+                )
+            )
         else:
             out.append(PredictionRecord(item.ref, item.label, prob, ood))
     return out
@@ -252,7 +310,7 @@ def evaluate(
     n_bootstrap: int = 1000,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> EvaluationResult:
     """Predict the dataset and compute the metrics at the model's operating threshold.
 
@@ -260,13 +318,25 @@ def evaluate(
     always uses the shipped threshold).
     """
     records = predict_dataset(predictor, dataset, batch_size=batch_size, progress=progress)
-    return result_from_records(predictor.info, dataset.name, records, threshold=threshold,
-                               n_bootstrap=n_bootstrap, seed=seed)
+    return result_from_records(
+        predictor.info,
+        dataset.name,
+        records,
+        threshold=threshold,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+    )
 
 
-def result_from_records(info: Any, dataset_name: str, records: Sequence[PredictionRecord], *,
-                        threshold: float | None = None, n_bootstrap: int = 1000,
-                        seed: int = 0) -> EvaluationResult:
+def result_from_records(
+    info: Any,
+    dataset_name: str,
+    records: Sequence[PredictionRecord],
+    *,
+    threshold: float | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> EvaluationResult:
     """Metrics over the scored records (the not-processed ones are only counted)."""
     thr = float(threshold if threshold is not None else _info_value(info, "threshold", 0.5))
     scored = [r for r in records if r.scored]
@@ -274,8 +344,13 @@ def result_from_records(info: Any, dataset_name: str, records: Sequence[Predicti
     error = ""
     if scored:
         try:
-            metrics = compute_metrics([r.label for r in scored], [r.probability for r in scored],
-                                      thr, n_bootstrap=n_bootstrap, seed=seed)
+            metrics = compute_metrics(
+                [r.label for r in scored],
+                [float(r.probability or 0.0) for r in scored],  # scored: never None
+                thr,
+                n_bootstrap=n_bootstrap,
+                seed=seed,
+            )
         except MetricsError as exc:
             error = str(exc)
     else:
@@ -330,11 +405,16 @@ def read_predictions_csv(path: Path) -> list[PredictionRecord]:
             if reason_text:
                 head, _, detail = reason_text.partition(": ")
                 reason = by_value[head]
-            records.append(PredictionRecord(
-                ref=row["path"], label=int(row["label"]),
-                probability=float(row["probability"]) if row["probability"] else None,
-                ood_score=float(row["ood_score"]) if row["ood_score"] else None,
-                not_processed=reason, detail=detail))
+            records.append(
+                PredictionRecord(
+                    ref=row["path"],
+                    label=int(row["label"]),
+                    probability=float(row["probability"]) if row["probability"] else None,
+                    ood_score=float(row["ood_score"]) if row["ood_score"] else None,
+                    not_processed=reason,
+                    detail=detail,
+                )
+            )
     return records
 
 
@@ -343,15 +423,20 @@ def write_outputs(result: EvaluationResult, out_dir: Path, *, plots: bool = True
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n",
-                            encoding="utf-8")
+    metrics_path.write_text(
+        json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n", encoding="utf-8"
+    )
     written = [metrics_path, write_predictions_csv(result, out_dir / "predictions.csv")]
     if plots and result.n:
         from model.plots import save_all_plots  # matplotlib only when plots are wanted
 
-        written += save_all_plots(result.labels, result.probabilities, result.threshold, out_dir,
-                                  title=f"{result.dataset} - {result.model_name} "
-                                        f"{result.model_version}")
+        written += save_all_plots(
+            result.labels,
+            result.probabilities,
+            result.threshold,
+            out_dir,
+            title=f"{result.dataset} - {result.model_name} {result.model_version}",
+        )
     return written
 
 
@@ -363,16 +448,22 @@ def format_table(result: EvaluationResult) -> str:
         f"threshold {result.threshold:.4f}",
     ]
     labels = result.labels
-    lines.append(f"scored    {result.n} of {len(result.records)} "
-                 f"({int(np.count_nonzero(labels == 0))} normal, "
-                 f"{int(np.count_nonzero(labels == 1))} pneumonia)")
+    lines.append(
+        f"scored    {result.n} of {len(result.records)} "
+        f"({int(np.count_nonzero(labels == 0))} normal, "
+        f"{int(np.count_nonzero(labels == 1))} pneumonia)"
+    )
     skipped = {k: v for k, v in result.not_processed_counts().items() if v}
     if skipped:
-        lines.append("not processed " + ", ".join(f"{v} {k}" for k, v in skipped.items()))
+        lines.append(
+            "not processed "
+            + ", ".join(f"{v} {NotProcessed(k).description}" for k, v in skipped.items())
+        )
     confusion = result.confusion()
     if confusion is not None:
-        lines.append(f"confusion TP {confusion.tp}  FP {confusion.fp}  "
-                     f"TN {confusion.tn}  FN {confusion.fn}")
+        lines.append(
+            f"confusion TP {confusion.tp}  FP {confusion.fp}  TN {confusion.tn}  FN {confusion.fn}"
+        )
     lines.append("")
     if result.metrics is None:
         lines.append(f"no metrics: {result.metrics_error}")

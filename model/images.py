@@ -11,6 +11,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+__all__ = ["IMAGE_SUFFIXES", "ImageLoadError", "image_to_float", "load_image_file"]
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
+"""File suffixes :func:`load_image_file` is used for (training and evaluation alike)."""
+
 
 class ImageLoadError(ValueError):
     """A file could not be decoded as an image."""
@@ -25,7 +30,8 @@ def image_to_float(img: Image.Image) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float32)
         peak = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        return np.clip(arr / peak, 0.0, 1.0).astype(np.float32)
+        result: np.ndarray = np.clip(arr / peak, 0.0, 1.0).astype(np.float32)
+        return result
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float32)
         lo, hi = float(arr.min()), float(arr.max())

@@ -27,8 +27,25 @@ from model.network import NetConfig, PneumoNet, build_network, tta_forward
 from model.ood import OODModel
 from model.preprocess import to_model_batch
 
+__all__ = [
+    "NOT_CHEST_CODE",
+    "ModelInfo",
+    "Prediction",
+    "Predictor",
+    "WeightsError",
+    "default_weights_path",
+    "load_predictor",
+    "pick_device",
+    "sha256_file",
+]
+
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-NOT_A_CHEST_RADIOGRAPH = "not a chest radiograph"
+NOT_CHEST_CODE = "not-chest-xray"
+"""The one code for "the guard judged this image not a chest radiograph".
+
+Stored in the database, written as an SR flag by the worker and used by
+``model.evaluation.NotProcessed.NOT_CHEST``; prose for people stays prose.
+"""
 
 
 class WeightsError(RuntimeError):
@@ -52,11 +69,6 @@ class ModelInfo:
     bias: float = 0.0  # calibration: p = sigmoid(logit / temperature + bias)
     path: str = ""  # file name of the weights (no directories: nothing site-specific)
 
-    @property
-    def label(self) -> str:
-        """``name-version``, e.g. for DICOM Algorithm Version / logs."""
-        return f"{self.name}-{self.version}"
-
 
 @dataclass(frozen=True)
 class Prediction:
@@ -70,10 +82,6 @@ class Prediction:
         """Pneumonia suspected: a chest radiograph at or above the operating threshold."""
         return self.is_chest and self.probability >= self.threshold
 
-    @property
-    def not_processed_reason(self) -> str | None:
-        return None if self.is_chest else NOT_A_CHEST_RADIOGRAPH
-
 
 def sha256_file(path: Path) -> str:
     """The sha256 of a file (the identity results record for a weights file)."""
@@ -84,7 +92,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _version_key(path: Path) -> tuple:
+def _version_key(path: Path) -> tuple[tuple[int, ...], bool]:
     """Sort key so the highest release (and releases over ``-dev``) wins."""
     version = path.stem.split("-", 1)[1] if "-" in path.stem else ""
     core, _, suffix = version.partition("-")
@@ -101,6 +109,7 @@ def default_weights_path() -> Path:
 
 
 def pick_device(device: str | None = None) -> torch.device:
+    """``device`` when given (not empty), else CUDA when present, else the CPU."""
     if device:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -121,12 +130,16 @@ class Predictor:
             raise WeightsError(f"{weights.name} is not a pneumo weights file (format 1)")
         self.device = pick_device(device)
         self.batch_size = batch_size
-        self.payload_meta = {k: v for k, v in payload.items() if k not in ("state_dict", "ood")}
-        net = build_network(NetConfig.from_dict(payload["net_config"]))
+        config = NetConfig.from_dict(payload["net_config"])
+        net = build_network(config)
         net.load_state_dict(payload["state_dict"])
         net.eval().to(self.device)
-        if self.device.type == "cuda":
+        # NHWC pays off on GPUs and, on CPU, for the wide torchvision trunks (~3x there)
+        self._channels_last = self.device.type == "cuda" or config.arch != "pneumonet"
+        if self._channels_last:
             net = net.to(memory_format=torch.channels_last)
+        # mirror TTA is part of a model's calibration, so the weights file says whether to use it
+        self._mirror = str(payload.get("tta", "hflip-mean-logit")) != "none"
         self.net: PneumoNet = net
         self.ood = OODModel.from_dict(payload["ood"])
         self.info = ModelInfo(
@@ -148,7 +161,7 @@ class Predictor:
     # ------------------------------------------------------------------ prediction
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
+        if self._channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
 
@@ -162,9 +175,9 @@ class Predictor:
                 x = self._to_device(to_model_batch(chunk, self.info.input_size))
                 if self.device.type == "cuda":
                     with torch.autocast("cuda", dtype=torch.float16):
-                        lg, ft = tta_forward(self.net, x)
+                        lg, ft = tta_forward(self.net, x, mirror=self._mirror)
                 else:
-                    lg, ft = tta_forward(self.net, x)
+                    lg, ft = tta_forward(self.net, x, mirror=self._mirror)
                 logits.append(lg.float().cpu().numpy())
                 scores.append(self.ood.score(ft.float().cpu().numpy()))
         if not logits:
@@ -176,7 +189,7 @@ class Predictor:
         logits, scores = self.logits_and_ood(images)
         t, b = self.info.temperature, self.info.bias
         out = []
-        for lg, sc in zip(logits, scores):
+        for lg, sc in zip(logits, scores, strict=True):
             z = float(lg) / t + b
             p = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
             sc = float(sc)
@@ -208,7 +221,7 @@ class Predictor:
                     (grads,) = torch.autograd.grad(logit.sum(), fmap)
                 weights = grads.mean(dim=(2, 3), keepdim=True)
                 cams = F.relu((weights * fmap.detach()).sum(dim=1, keepdim=True))
-                for img, cam in zip(chunk, cams):
+                for img, cam in zip(chunk, cams, strict=True):
                     h, w = np.asarray(img).shape[:2]
                     up = F.interpolate(cam[None], size=(h, w), mode="bilinear", align_corners=False)
                     m = up[0, 0].cpu().numpy().astype(np.float32)

@@ -42,10 +42,25 @@ so the same inputs and seed give the same intervals.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
+
+__all__ = [
+    "ECE_BINS",
+    "METRIC_NAMES",
+    "ConfusionCounts",
+    "MetricValue",
+    "MetricsError",
+    "calibration_bins",
+    "compute_metrics",
+    "confusion_counts",
+    "expected_calibration_error",
+    "metrics_to_json",
+    "point_metrics",
+    "roc_auc",
+]
 
 #: The metric keys, in the order reports list them.
 METRIC_NAMES: tuple[str, ...] = (
@@ -98,8 +113,9 @@ def _json_float(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
-def _validate(labels: Sequence[int] | np.ndarray, probabilities: Sequence[float] | np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray]:
+def _validate(
+    labels: Sequence[int] | np.ndarray, probabilities: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(labels)
     p = np.asarray(probabilities, dtype=np.float64)
     if y.ndim != 1 or p.ndim != 1:
@@ -119,9 +135,11 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else math.nan
 
 
-def confusion_counts(labels: Sequence[int] | np.ndarray,
-                     probabilities: Sequence[float] | np.ndarray,
-                     threshold: float) -> ConfusionCounts:
+def confusion_counts(
+    labels: Sequence[int] | np.ndarray,
+    probabilities: Sequence[float] | np.ndarray,
+    threshold: float,
+) -> ConfusionCounts:
     """The confusion matrix when ``probability >= threshold`` is called positive."""
     y, p = _validate(labels, probabilities)
     return _counts(y, p, threshold)
@@ -165,12 +183,6 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def average_precision(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """Average precision (area under the step PR curve); NaN without positives."""
-    y, p = _validate(labels, probabilities)
-    return _average_precision(y, p)
-
-
 def _average_precision(y: np.ndarray, p: np.ndarray) -> float:
     n_pos = int(np.count_nonzero(y))
     if n_pos == 0 or n_pos == y.size:
@@ -188,15 +200,17 @@ def _average_precision(y: np.ndarray, p: np.ndarray) -> float:
     return float(np.sum(recall_steps * precision))
 
 
-def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray,
-                               n_bins: int = ECE_BINS) -> float:
+def expected_calibration_error(
+    labels: np.ndarray, probabilities: np.ndarray, n_bins: int = ECE_BINS
+) -> float:
     """ECE of the positive-class probability over ``n_bins`` equal-width bins (module docstring)."""
     y, p = _validate(labels, probabilities)
     return _ece(y, p, n_bins)
 
 
-def calibration_bins(labels: np.ndarray, probabilities: np.ndarray, n_bins: int = ECE_BINS
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def calibration_bins(
+    labels: np.ndarray, probabilities: np.ndarray, n_bins: int = ECE_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-bin (count, mean probability, observed positive fraction); NaN for empty bins.
 
     The bins are the ones :func:`expected_calibration_error` uses, so the
@@ -206,8 +220,9 @@ def calibration_bins(labels: np.ndarray, probabilities: np.ndarray, n_bins: int 
     return _calibration_bins(y, p, n_bins)
 
 
-def _calibration_bins(y: np.ndarray, p: np.ndarray, n_bins: int
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _calibration_bins(
+    y: np.ndarray, p: np.ndarray, n_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     bin_ids = np.searchsorted(edges[1:-1], p, side="left")  # (lo, hi], 0 in the first bin
     counts = np.bincount(bin_ids, minlength=n_bins).astype(np.float64)
@@ -240,8 +255,11 @@ def _point_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
     }
 
 
-def point_metrics(labels: Sequence[int] | np.ndarray, probabilities: Sequence[float] | np.ndarray,
-                  threshold: float) -> dict[str, float]:
+def point_metrics(
+    labels: Sequence[int] | np.ndarray,
+    probabilities: Sequence[float] | np.ndarray,
+    threshold: float,
+) -> dict[str, float]:
     """The metric values without confidence intervals (cheap; used for threshold sweeps)."""
     y, p = _validate(labels, probabilities)
     return _point_metrics(y, p, float(threshold))
@@ -273,10 +291,12 @@ def compute_metrics(
         pos_idx = np.flatnonzero(y == 1)
         neg_idx = np.flatnonzero(y == 0)
         for b in range(n_bootstrap):
-            idx = np.concatenate([
-                rng.choice(pos_idx, size=pos_idx.size, replace=True),
-                rng.choice(neg_idx, size=neg_idx.size, replace=True),
-            ])
+            idx = np.concatenate(
+                [
+                    rng.choice(pos_idx, size=pos_idx.size, replace=True),
+                    rng.choice(neg_idx, size=neg_idx.size, replace=True),
+                ]
+            )
             for name, value in _point_metrics(y[idx], p[idx], float(threshold)).items():
                 samples[name][b] = value
 

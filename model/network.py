@@ -1,17 +1,34 @@
-"""The CNN: a compact ResNet (He et al. 2016) for 1-channel radiographs, from scratch.
+"""The CNN: a ResNet (He et al. 2016) for 1-channel radiographs, always from scratch.
 
-A torchvision-style BasicBlock ResNet with configurable width and depth so it
-trains in well under an hour on a 2-core CPU. Exposes the last convolutional
-feature map (for Grad-CAM) and the pooled penultimate features (for the
-out-of-distribution guard) besides the pneumonia logit.
+Two trunks behind one interface (``NetConfig.arch``):
+
+* ``"pneumonet"`` -- our compact BasicBlock ResNet with configurable width and
+  depth, so it trains in well under an hour on a 2-core CPU (``pneumonet-1.0.0``);
+* ``"resnet18"`` / ``"resnet34"`` -- torchvision's ResNets built with
+  ``weights=None`` (nothing is ever downloaded) and a 1-channel stem: more
+  capacity, which the shift to ``kermany/test`` rewards (issue 12).
+
+Either way the model exposes the last convolutional feature map (for Grad-CAM)
+and the pooled penultimate features (for the out-of-distribution guard) besides
+the pneumonia logit, so serving, calibration and the guard do not care which.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+__all__ = [
+    "TORCHVISION_ARCHS",
+    "BasicBlock",
+    "NetConfig",
+    "PneumoNet",
+    "build_network",
+    "tta_forward",
+]
 
 
 @dataclass(frozen=True)
@@ -22,17 +39,35 @@ class NetConfig:
     blocks: tuple[int, ...] = (1, 2, 2, 1)
     dropout: float = 0.2
     in_channels: int = 1
+    arch: str = "pneumonet"  # or one of TORCHVISION_ARCHS (width/blocks then ignored)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["blocks"] = list(self.blocks)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "NetConfig":
+    def from_dict(cls, d: dict[str, Any]) -> NetConfig:
         d = dict(d)
         d["blocks"] = tuple(d.get("blocks", cls.blocks))
         return cls(**d)
+
+
+TORCHVISION_ARCHS = ("resnet18", "resnet34")
+"""torchvision trunks we build from scratch (``weights=None``) with a 1-channel stem."""
+
+
+def _torchvision_trunk(arch: str, in_channels: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """(stem, stages) of a randomly initialised torchvision ResNet with ``in_channels`` inputs."""
+    import torchvision
+
+    if arch not in TORCHVISION_ARCHS:
+        raise ValueError(f"arch: unknown architecture {arch!r}")
+    tv = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
+    conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    nn.init.kaiming_normal_(conv1.weight, mode="fan_out", nonlinearity="relu")
+    stem = nn.Sequential(conv1, tv.bn1, tv.relu, tv.maxpool)
+    return stem, nn.Sequential(tv.layer1, tv.layer2, tv.layer3, tv.layer4)
 
 
 class BasicBlock(nn.Module):
@@ -54,7 +89,8 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        result: torch.Tensor = self.relu(out + self.shortcut(x))
+        return result
 
 
 class PneumoNet(nn.Module):
@@ -63,8 +99,21 @@ class PneumoNet(nn.Module):
     def __init__(self, config: NetConfig = NetConfig()) -> None:
         super().__init__()
         self.config = config
+        self.stem: nn.Sequential
+        self.stages: nn.Sequential
+        if config.arch != "pneumonet":
+            self.stem, self.stages = _torchvision_trunk(config.arch, config.in_channels)
+        else:
+            self.stem, self.stages = self._own_trunk(config)
+        self.stage_widths = [_out_channels(stage) for stage in self.stages]
+        self.feature_dim = self.stage_widths[-1]
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(self.feature_dim, 1)
+
+    @staticmethod
+    def _own_trunk(config: NetConfig) -> tuple[nn.Sequential, nn.Sequential]:
         w = config.width
-        self.stem = nn.Sequential(
+        stem = nn.Sequential(
             nn.Conv2d(config.in_channels, w, 7, 2, 3, bias=False),
             nn.BatchNorm2d(w),
             nn.ReLU(inplace=True),
@@ -78,27 +127,27 @@ class PneumoNet(nn.Module):
             blocks += [BasicBlock(cout, cout, 1) for _ in range(n - 1)]
             stages.append(nn.Sequential(*blocks))
             cin = cout
-        self.stages = nn.Sequential(*stages)
-        self.feature_dim = cin
-        self.dropout = nn.Dropout(config.dropout)
-        self.head = nn.Linear(cin, 1)
-        for m in self.modules():
+        trunk = nn.Sequential(stem, nn.Sequential(*stages))
+        for m in trunk.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        for m in self.modules():  # zero-init last BN of each block: starts as identity
+        for m in trunk.modules():  # zero-init last BN of each block: starts as identity
             if isinstance(m, BasicBlock):
                 nn.init.zeros_(m.bn2.weight)
+        return stem, nn.Sequential(*stages)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """Last convolutional feature map (N, C, h, w): Grad-CAM's target layer."""
-        return self.stages(self.stem(x))
+        result: torch.Tensor = self.stages(self.stem(x))
+        return result
 
     def pool(self, fmap: torch.Tensor) -> torch.Tensor:
         """Global average pooling to the penultimate features (N, C)."""
         return fmap.mean(dim=(2, 3))
 
     def logit_from_features(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(feats)).squeeze(1)
+        result: torch.Tensor = self.head(self.dropout(feats)).squeeze(1)
+        return result
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (N,), penultimate features (N, C))."""
@@ -120,24 +169,36 @@ class PneumoNet(nn.Module):
 
     def ood_layer_dims(self) -> list[int]:
         """Width of each stage's block inside the OOD feature vector."""
-        return [2 * self.config.width * 2**i for i in range(len(self.config.blocks))]
+        return [2 * c for c in self.stage_widths]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pneumonia logits, shape (N,)."""
         return self.forward_with_features(x)[0]
 
 
+def _out_channels(stage: nn.Module) -> int:
+    """Channels a stage outputs: those of its last BatchNorm (main path and shortcut agree)."""
+    bns = [m for m in stage.modules() if isinstance(m, nn.BatchNorm2d)]
+    return int(bns[-1].num_features)
+
+
 def build_network(config: NetConfig | None = None) -> PneumoNet:
     return PneumoNet(config or NetConfig())
 
 
-def tta_forward(net: PneumoNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tta_forward(
+    net: PneumoNet, x: torch.Tensor, mirror: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Test-time augmentation used by validation, calibration and serving alike.
 
     Returns (logits (N,), OOD features (N, D)): the logit is the mean of the
     image's and its horizontal mirror's logits; OOD features come from the
-    unflipped image.
+    unflipped image. ``mirror=False`` skips the mirror (half the compute) for
+    models whose weights file says ``"tta": "none"``.
     """
+    if not mirror:
+        logits, feats = net.forward_ood(x)
+        return logits.float(), feats.float()
     n = x.shape[0]
     # one forward over [x; mirror(x)]: BN is in eval mode, so this equals two calls
     # but uses the CPU/GPU better at small batch sizes

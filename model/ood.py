@@ -19,8 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+__all__ = ["LayerGaussian", "OODModel", "fit_ood", "non_chest_reference_images"]
 
 _LAYER_QUANTILE = 0.995
 
@@ -35,7 +38,8 @@ class LayerGaussian:
 
     def raw_score(self, features: np.ndarray) -> np.ndarray:
         f = np.asarray(features, dtype=np.float64)[:, self.start : self.stop] - self.mean
-        return np.einsum("nd,de,ne->n", f, self.precision, f) / self.mean.size
+        result: np.ndarray = np.einsum("nd,de,ne->n", f, self.precision, f) / self.mean.size
+        return result
 
 
 @dataclass(frozen=True)
@@ -48,25 +52,35 @@ class OODModel:
         f = np.atleast_2d(np.asarray(features, dtype=np.float64))
         if f.shape[0] == 0:
             return np.zeros(0)
-        return np.max([g.raw_score(f) / g.scale for g in self.layers], axis=0)
+        result: np.ndarray = np.max([g.raw_score(f) / g.scale for g in self.layers], axis=0)
+        return result
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "method": "per-stage-mahalanobis-max",
             "threshold": float(self.threshold),
             "layers": [
-                {"start": g.start, "stop": g.stop, "mean": g.mean.astype(np.float32),
-                 "precision": g.precision.astype(np.float32), "scale": float(g.scale)}
+                {
+                    "start": g.start,
+                    "stop": g.stop,
+                    "mean": g.mean.astype(np.float32),
+                    "precision": g.precision.astype(np.float32),
+                    "scale": float(g.scale),
+                }
                 for g in self.layers
             ],
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "OODModel":
+    def from_dict(cls, d: dict[str, Any]) -> OODModel:
         layers = tuple(
-            LayerGaussian(int(x["start"]), int(x["stop"]),
-                          np.asarray(x["mean"], np.float64),
-                          np.asarray(x["precision"], np.float64), float(x["scale"]))
+            LayerGaussian(
+                int(x["start"]),
+                int(x["stop"]),
+                np.asarray(x["mean"], np.float64),
+                np.asarray(x["precision"], np.float64),
+                float(x["scale"]),
+            )
             for x in d["layers"]
         )
         return cls(layers, float(d["threshold"]))
@@ -139,7 +153,8 @@ def _blobs(rng: np.random.Generator, s: int) -> np.ndarray:
     for _ in range(12):
         cx, cy, r = rng.random(), rng.random(), 0.03 + 0.15 * rng.random()
         img += np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
-    return img / img.max()
+    result: np.ndarray = img / img.max()
+    return result
 
 
 def _phantom(s: int) -> np.ndarray:
@@ -159,8 +174,9 @@ def _package_images() -> dict[str, np.ndarray]:
         import matplotlib.cbook as cbook
         from PIL import Image
 
-        with cbook.get_sample_data("grace_hopper.jpg") as f:
-            out["matplotlib/grace_hopper-photo"] = np.asarray(Image.open(f).convert("L")) / 255.0
+        photo = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+        with Image.open(photo) as im:
+            out["matplotlib/grace_hopper-photo"] = np.asarray(im.convert("L")) / 255.0
         path = cbook.get_sample_data("s1045.ima.gz", asfileobj=False)
         import gzip
 
@@ -175,7 +191,7 @@ def _package_images() -> dict[str, np.ndarray]:
     try:
         from sklearn.datasets import load_digits, load_sample_images
 
-        for name, img in zip(("china", "flower"), load_sample_images().images):
+        for name, img in zip(("china", "flower"), load_sample_images().images, strict=True):
             out[f"sklearn/{name}-photo"] = (img @ np.array([0.299, 0.587, 0.114])) / 255.0
         digit = load_digits().images[0]
         out["sklearn/digit-8x8"] = np.kron(digit / 16.0, np.ones((8, 8)))

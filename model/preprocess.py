@@ -1,6 +1,6 @@
 """The one preprocessing path from a float [0, 1] image to the model tensor.
 
-Used by training (``model.data``/``model.train``), evaluation and the worker
+Used by training (``model.training_data``/``model.train``), evaluation and the worker
 alike, so the network sees exactly the same transform everywhere:
 
 1. :func:`resize_to_input` squash-resizes the whole image to ``INPUT_SIZE`` x
@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+__all__ = ["INPUT_SIZE", "resize_to_input", "standardize", "to_model_batch", "to_model_tensor"]
 
 INPUT_SIZE: int = 224
 """Side of the square model input, in pixels."""

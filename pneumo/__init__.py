@@ -2,9 +2,11 @@
 
 Packages and the one direction their imports flow::
 
-    pneumo (settings, CLI)  ->  worker  ->  dicom_io, model, db
+    pneumo (settings, CLI, the Celery app)  ->  worker  ->  dicom_io, model, db
 
 ``dicom_io`` and ``model`` know nothing of Celery or the database.
 """
+
+__all__ = ["__version__"]
 
 __version__ = "0.1.0"

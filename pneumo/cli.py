@@ -10,10 +10,12 @@ import importlib
 import logging
 import sys
 
+__all__ = ["build_parser", "main"]
+
 # Sub-command modules, in the order their commands are listed in ``--help``.
 _COMMAND_MODULES = (
-    "pneumo.commands.pipeline",  # up, listen, worker, db, status, results
-    "pneumo.commands.dicom",  # send
+    "pneumo.commands.service",  # up, listen, worker
+    "pneumo.commands.admin",  # reprocess, db, status, results, send
     "pneumo.commands.model",  # train, evaluate
 )
 

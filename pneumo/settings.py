@@ -3,7 +3,8 @@
 Values come, highest priority first, from environment variables
 (``PNEUMO_*``), an optional TOML file (``PNEUMO_CONFIG=path.toml``), and the
 defaults below. With no configuration at all the product runs embedded on one
-machine: SQLite database and a server-less Celery broker under ``data_dir``.
+machine: SQLite database and a private ``redis-server`` as the Celery broker,
+both under ``data_dir`` (:mod:`worker.embedded_broker`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ from pydantic_settings import (
 )
 
 from dicom_io.config import Destination, ListenerConfig, TLSConfig, validate_ae_title
+from worker import embedded_broker
 from worker.config import WorkerConfig
+
+__all__ = ["Settings", "load_settings"]
+
 
 def _comma_list(value: Any) -> Any:
     if isinstance(value, str):
@@ -38,7 +43,9 @@ class Settings(BaseSettings):
 
     # --- DICOM node -------------------------------------------------------
     ae_title: str = "PNEUMO"
-    host: str = "0.0.0.0"
+    # Loopback unless asked: bound elsewhere, the listener needs ``allowed_aets``
+    # (or "*" for any caller), as dicom_io.config.ListenerConfig enforces.
+    host: str = "127.0.0.1"
     port: int = Field(default=11112, ge=0, le=65535)
     allowed_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
@@ -124,14 +131,21 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
-        """The Celery broker; kombu's SQLAlchemy transport on SQLite when none is set."""
-        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+        """The Celery broker; the embedded Redis's Unix socket under ``data_dir`` when none is set."""
+        return self.broker_url or embedded_broker.broker_url(self.data_dir)
 
     @property
     def embedded(self) -> bool:
+        """True when neither a database nor a broker is configured (all under ``data_dir``)."""
         return self.database_url is None and self.broker_url is None
 
+    @property
+    def uses_embedded_broker(self) -> bool:
+        """True when the broker is the private ``redis-server`` this product starts itself."""
+        return self.broker_url is None
+
     def tls_config(self) -> TLSConfig | None:
+        """DICOM TLS when a certificate and its key are configured, else None."""
         if self.tls_cert is None or self.tls_key is None:
             return None
         return TLSConfig(
@@ -156,7 +170,6 @@ class Settings(BaseSettings):
             study_release_grace_seconds=self.study_release_grace_seconds,
             tls=self.tls_config(),
         )
-
 
     def worker_config(self) -> WorkerConfig:
         """The worker layer's configuration derived from these settings."""

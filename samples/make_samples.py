@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from dicom_io.uids import derive_uid
 
@@ -137,18 +137,51 @@ def sample_studies() -> tuple[SampleStudy, ...]:
     normal = _first(kermany / "NORMAL")
     pneumonia = _first(kermany / "PNEUMONIA")
     return (
-        SampleStudy("DEMO1", "DEMO0001", "DEMO^NORMAL^CHILD", "004Y", "F",
-                    "Chest PA (pediatric)", (SampleImage(normal, "PA"),)),
-        SampleStudy("DEMO2", "DEMO0002", "DEMO^PNEUMONIA^CHILD", "006Y", "M",
-                    "Chest PA and lateral (pediatric)",
-                    (SampleImage(pneumonia, "PA"), SampleImage(pneumonia, "LL"))),
-        SampleStudy("DEMO3", "DEMO0003", "DEMO^ADULT", "058Y", "M",
-                    "Chest PA (adult: outside intended use)",
-                    (SampleImage(next(cxr.glob("nih_gcp_*.dcm")), "PA"),)),
-        SampleStudy("DEMO4", "DEMO0004", "DEMO^CR^MONOCHROME1", "009Y", "F",
-                    "Chest PA, CR MONOCHROME1 12-bit, RLE",
-                    (SampleImage(cxr / "RG1_UNCR.dcm", "PA", modality="CR",
-                                 photometric="MONOCHROME1", bits_stored=12, rle=True),)),
+        SampleStudy(
+            "DEMO1",
+            "DEMO0001",
+            "DEMO^NORMAL^CHILD",
+            "004Y",
+            "F",
+            "Chest PA (pediatric)",
+            (SampleImage(normal, "PA"),),
+        ),
+        SampleStudy(
+            "DEMO2",
+            "DEMO0002",
+            "DEMO^PNEUMONIA^CHILD",
+            "006Y",
+            "M",
+            "Chest PA and lateral (pediatric)",
+            (SampleImage(pneumonia, "PA"), SampleImage(pneumonia, "LL")),
+        ),
+        SampleStudy(
+            "DEMO3",
+            "DEMO0003",
+            "DEMO^ADULT",
+            "058Y",
+            "M",
+            "Chest PA (adult: outside intended use)",
+            (SampleImage(next(cxr.glob("nih_gcp_*.dcm")), "PA"),),
+        ),
+        SampleStudy(
+            "DEMO4",
+            "DEMO0004",
+            "DEMO^CR^MONOCHROME1",
+            "009Y",
+            "F",
+            "Chest PA, CR MONOCHROME1 12-bit, RLE",
+            (
+                SampleImage(
+                    cxr / "RG1_UNCR.dcm",
+                    "PA",
+                    modality="CR",
+                    photometric="MONOCHROME1",
+                    bits_stored=12,
+                    rle=True,
+                ),
+            ),
+        ),
     )
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
+from worker import embedded_broker
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "studies"
 DATA_DIR = REPO / "var" / "demo"
@@ -49,7 +51,9 @@ def start_pacs_stand_in(folder: Path, port: int):
     ae = AE(ae_title="DEMOPACS")
     ae.supported_contexts = AllStoragePresentationContexts
     ae.add_supported_context(Verification)
-    return ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    return ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
 
 
 def wait_for_listener(port: int, deadline: float) -> None:
@@ -68,12 +72,17 @@ def wait_for_listener(port: int, deadline: float) -> None:
 
 def results(env: dict[str, str]) -> list[dict]:
     out = subprocess.run(
-        [*PNEUMO, "results", "--format", "json"], env=env, capture_output=True, text=True, check=True
+        [*PNEUMO, "results", "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout or "[]")
 
 
 def main() -> int:
+    embedded_broker.stop(DATA_DIR)  # a broker left by an interrupted earlier run
     shutil.rmtree(DATA_DIR, ignore_errors=True)
     DATA_DIR.mkdir(parents=True)
     port, pacs_port = free_port(), free_port()
@@ -89,7 +98,9 @@ def main() -> int:
     )
     env.pop("PNEUMO_DATABASE_URL", None)
     env.pop("PNEUMO_BROKER_URL", None)
-    print(f"== starting pneumo (embedded: SQLite + server-less broker under {DATA_DIR.relative_to(REPO)})")
+    print(
+        f"== starting pneumo (embedded: SQLite + a private redis-server broker under {DATA_DIR.relative_to(REPO)})"
+    )
     log_path = DATA_DIR / "pneumo.log"
     log = log_path.open("w")
     print(f"   its log: {log_path.relative_to(REPO)}")
@@ -100,8 +111,19 @@ def main() -> int:
         study_count = len({p.name.split("_")[0] for p in SAMPLES.glob("*.dcm")})
         print(f"== sending {study_count} sample studies to PNEUMO@127.0.0.1:{port}")
         subprocess.run(
-            [*PNEUMO, "send", str(SAMPLES), "--to", f"PNEUMO@127.0.0.1:{port}", "--calling-ae", "DEMOPACS"],
-            env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                *PNEUMO,
+                "send",
+                str(SAMPLES),
+                "--to",
+                f"PNEUMO@127.0.0.1:{port}",
+                "--calling-ae",
+                "DEMOPACS",
+            ],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         print("== waiting for results")
         while True:
@@ -123,7 +145,9 @@ def main() -> int:
         print("== result objects written by pneumo (SR + heatmap Secondary Capture):")
         for path in sorted((DATA_DIR / "results").rglob("*.dcm")):
             print(f"   {path.relative_to(REPO)}")
-        print(f"== objects received by the stand-in PACS: {len(list(pacs_dir.glob('*.dcm')))} in {pacs_dir.relative_to(REPO)}")
+        print(
+            f"== objects received by the stand-in PACS: {len(list(pacs_dir.glob('*.dcm')))} in {pacs_dir.relative_to(REPO)}"
+        )
         print("   inspect an SR with: dsrdump <file>  (DCMTK)")
         return 0
     finally:
@@ -133,6 +157,8 @@ def main() -> int:
             up.wait(timeout=30)
         except subprocess.TimeoutExpired:
             up.kill()
+            up.wait()
+            embedded_broker.stop(DATA_DIR)  # `pneumo up` stops it, unless it was killed
         log.close()
         pacs.shutdown()
 

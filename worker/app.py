@@ -1,6 +1,12 @@
-"""The Celery application, configured from :mod:`pneumo.settings`.
+"""The Celery application factory: one :class:`~worker.config.WorkerConfig` in, one app out.
 
-No-loss settings (the issue's list) and why:
+Nothing here reads the environment or builds an app at import time; the
+``pneumo`` layer builds the one app of a process from its settings
+(:mod:`pneumo.celery_app`, which ``celery -A pneumo.celery_app worker`` and
+``pneumo worker`` both use). Tasks find their configuration on their app
+(:func:`worker_config_of`).
+
+No-loss settings and why:
 
 * ``task_acks_late``: a message is acknowledged after the task finished, so a
   worker that dies mid-task leaves it in the broker to be redelivered.
@@ -14,9 +20,9 @@ No-loss settings (the issue's list) and why:
 * bounded retries with backoff live on the tasks (:mod:`worker.tasks`); after
   the last one the study is marked ``dead-letter`` in the database.
 
-Queues: ``realtime`` (a study just arrived) and ``batch`` (reprocessing). A
-worker consuming both takes realtime first (``queue_order_strategy=priority``
-on Redis; :mod:`worker.broker` on the embedded transport).
+Queues: :data:`worker.queues.QUEUE_PRIORITY`. A worker consuming both takes
+realtime first (``queue_order_strategy=priority``), on the production Redis
+and on the embedded one (:mod:`worker.embedded_broker`) alike: one transport.
 
 No result backend: results go to our own database. Only ids and UIDs travel
 through the broker, never pixels or PHI.
@@ -24,41 +30,45 @@ through the broker, never pixels or PHI.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from celery import Celery
 from kombu import Exchange, Queue
 
-from pneumo.settings import Settings, load_settings
-from worker.broker import QUEUE_PRIORITY, broker_url_for_celery
-from worker.tasks import DELIVER_RESULT, PROCESS_STUDY
+from worker.config import WorkerConfig
+from worker.queues import QUEUE_PRIORITY, QueueName
+from worker.tasks import CONFIG_KEY, DELIVER_RESULT, PROCESS_STUDY, worker_config_of
 
-REALTIME = "realtime"
-BATCH = "batch"
-QUEUES = QUEUE_PRIORITY  # (realtime, batch), highest priority first
+__all__ = [
+    "DELIVER_RESULT",
+    "PROCESS_STUDY",
+    "celery_config",
+    "create_app",
+    "queue_depths",
+    "worker_config_of",
+]
 
-__all__ = ["BATCH", "DELIVER_RESULT", "PROCESS_STUDY", "QUEUES", "REALTIME", "app", "create_app"]
+_EXCHANGE = "pneumo"
 
 
-def celery_config(settings: Settings) -> dict[str, object]:
-    """The Celery configuration for ``settings`` (a plain dict, easy to inspect in tests)."""
-    limit = settings.task_time_limit_seconds
-    transport_options: dict[str, object] = {
-        "visibility_timeout": 2 * limit + 60,
-        "queue_order_strategy": "priority",
-    }
-    broker_url = broker_url_for_celery(settings.effective_broker_url)
-    if not broker_url.startswith(("redis://", "rediss://")):
-        # The embedded transport polls its database; 0.1 s keeps latency low
-        # at a negligible cost for one SQLite file on one machine.
-        transport_options["polling_interval"] = 0.1
-    exchange = Exchange("pneumo", type="direct")
+def celery_config(config: WorkerConfig) -> dict[str, object]:
+    """The Celery configuration for ``config`` (a plain dict, easy to inspect in tests)."""
+    limit = config.task_time_limit_seconds
+    exchange = Exchange(_EXCHANGE, type="direct")
     return {
-        "broker_url": broker_url,
-        "broker_transport_options": transport_options,
+        "broker_url": config.broker_url,
+        "broker_transport_options": {
+            "visibility_timeout": 2 * limit + 60,
+            "queue_order_strategy": "priority",
+        },
         "broker_connection_retry_on_startup": True,
-        "task_queues": tuple(Queue(name, exchange, routing_key=name) for name in QUEUES),
-        "task_default_queue": REALTIME,
-        "task_default_exchange": "pneumo",
-        "task_default_routing_key": REALTIME,
+        "task_queues": tuple(
+            Queue(name.value, exchange, routing_key=name.value) for name in QUEUE_PRIORITY
+        ),
+        "task_default_queue": QueueName.REALTIME.value,
+        "task_default_exchange": _EXCHANGE,
+        "task_default_routing_key": QueueName.REALTIME.value,
         "task_create_missing_queues": False,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
@@ -77,17 +87,42 @@ def celery_config(settings: Settings) -> dict[str, object]:
     }
 
 
-def create_app(settings: Settings | None = None) -> Celery:
-    """A Celery app for ``settings`` (default: from the environment) with our tasks."""
-    settings = settings or load_settings()
-    app = Celery("pneumo", set_as_current=False)
-    app.conf.update(celery_config(settings))
-    app.conf.pneumo_settings = settings
-    # worker.tasks (imported above) registers its shared tasks on every app.
-    app.conf.include = ["worker.tasks"]
+def create_app(config: WorkerConfig) -> Celery:
+    """A Celery app for ``config`` with the pipeline's tasks registered.
 
+    The config is kept on the app (``app.conf.pneumo_worker_config``) for the
+    tasks and the worker-process warm-up.
+
+    Raises:
+        TypeError: when ``config`` is not a :class:`WorkerConfig`.
+    """
+    if not isinstance(config, WorkerConfig):
+        raise TypeError(f"config must be a WorkerConfig, not {type(config).__name__}")
+    app = Celery("pneumo", set_as_current=False)
+    app.conf.update(celery_config(config))
+    app.conf[CONFIG_KEY] = config
+    # worker.tasks (imported above) defines shared tasks: every app gets them.
+    app.conf.include = ["worker.tasks"]
     return app
 
 
-# ``celery -A worker.app worker`` finds this; `pneumo worker` builds its own the same way.
-app = create_app()
+def queue_depths(
+    app: Celery, queues: Sequence[QueueName] = QUEUE_PRIORITY
+) -> dict[str, int | None]:
+    """Messages waiting per queue, by queue name (None when the broker cannot tell).
+
+    Raises:
+        kombu.exceptions.OperationalError: when the broker cannot be reached.
+    """
+    depths: dict[str, int | None] = {}
+    with app.connection_for_read() as connection:
+        channel: Any = connection.default_channel  # a virtual channel: queue_declare exists
+        for queue in queues:
+            name = QueueName(queue).value
+            try:
+                depths[name] = int(channel.queue_declare(queue=name, passive=True).message_count)
+            except Exception:
+                # Redis reports a never-used queue as missing: nothing waits in it.
+                redis = getattr(connection.transport, "driver_type", "") == "redis"
+                depths[name] = 0 if redis else None
+    return depths

@@ -10,26 +10,29 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
 import pydicom
+from celery import Celery
 
 from db import repository as repo
 from db.engine import session_scope
-from db.models import Study, StudyStatus, utcnow
+from dicom_io.assembly import ReadyStudy
+from dicom_io.spool import SpooledInstance
 from dicom_io.uids import require_uid
-from pneumo.settings import Settings
+from worker.config import WorkerConfig
 from worker.intended_use import parse_da
+from worker.queues import QueueName
 from worker.tasks import PROCESS_STUDY
+
+__all__ = ["Intake", "read_study_header"]
 
 log = logging.getLogger(__name__)
 
-REALTIME = "realtime"
-BATCH = "batch"
 _HEADER_TAGS = ["PatientID", "AccessionNumber", "StudyDate", "PatientAge"]
 
 
-def read_study_header(path: Any) -> repo.StudyHeader:
+def read_study_header(path: str | Path) -> repo.StudyHeader:
     """The staff-query attributes of a study, from one of its files (no pixel data read)."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
@@ -49,7 +52,7 @@ def read_study_header(path: Any) -> repo.StudyHeader:
     )
 
 
-def _record(instance: Any) -> repo.InstanceRecord:
+def _record(instance: SpooledInstance) -> repo.InstanceRecord:
     return repo.InstanceRecord(
         study_uid=require_uid(instance.study_uid, "Study Instance UID"),
         series_uid=require_uid(instance.series_uid, "Series Instance UID"),
@@ -63,25 +66,35 @@ def _record(instance: Any) -> repo.InstanceRecord:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Intake:
-    """Listener callbacks bound to a database and a Celery app."""
+    """Listener callbacks bound to a database and a Celery app (both from one WorkerConfig)."""
 
-    settings: Settings
-    app: Any  # celery.Celery
+    config: WorkerConfig
+    app: Celery
 
-    @property
-    def url(self) -> str:
-        return self.settings.effective_database_url
+    def on_instance_stored(self, instance: SpooledInstance) -> None:
+        """Record one spooled instance (an upsert: a repeated call changes nothing).
 
-    def on_instance_stored(self, instance: Any) -> None:
-        with session_scope(self.url) as session:
+        Raises:
+            dicom_io.uids.InvalidUIDError: when one of its UIDs is malformed.
+            sqlalchemy.exc.SQLAlchemyError: when the database refuses the write.
+        """
+        with session_scope(self.config.database_url) as session:
             repo.record_instance(session, _record(instance))
 
-    def on_study_ready(self, ready: Any) -> None:
+    def on_study_ready(self, ready: ReadyStudy) -> None:
+        """Record the study as queued (a new revision when amended), then enqueue it.
+
+        Raises:
+            dicom_io.uids.InvalidUIDError: when a UID is malformed.
+            sqlalchemy.exc.SQLAlchemyError: when the database refuses the write.
+            kombu.exceptions.OperationalError: when the broker cannot take the
+                task; the listener keeps the study pending and offers it again.
+        """
         study_uid = require_uid(ready.study_uid, "Study Instance UID")
         header = read_study_header(ready.instances[0].path) if ready.instances else None
-        with session_scope(self.url) as session:
+        with session_scope(self.config.database_url) as session:
             # Re-recording is an upsert: it covers instances whose per-instance
             # callback failed, and studies recovered from the spool after a restart.
             for instance in ready.instances:
@@ -89,26 +102,33 @@ class Intake:
             study_id, revision = repo.mark_study_queued(
                 session, study_uid, amended=bool(ready.amended), header=header
             )
-        self.enqueue(study_id, revision, queue=REALTIME)
+        self.enqueue(study_id, revision, queue=QueueName.REALTIME)
         log.info(
             "study %s ready (%s): %d instance(s), revision %d, queued",
-            study_uid, ready.trigger, len(ready.instances), revision,
+            study_uid,
+            ready.trigger,
+            len(ready.instances),
+            revision,
         )
 
-    def enqueue(self, study_id: int, revision: int, *, queue: str) -> None:
-        self.app.send_task(PROCESS_STUDY, args=[study_id, revision], queue=queue)
+    def enqueue(self, study_id: int, revision: int, *, queue: QueueName) -> None:
+        """Publish ``process_study`` for one revision of a study on ``queue``.
+
+        Raises:
+            kombu.exceptions.OperationalError: when the broker cannot be reached.
+        """
+        self.app.send_task(PROCESS_STUDY, args=[study_id, revision], queue=QueueName(queue).value)
 
     def reprocess(self, study_uid: str) -> int:
-        """Queue a study again on ``batch`` (e.g. after a model update); returns its id."""
+        """Queue a study again on ``batch`` (e.g. after a model update); returns its id.
+
+        Raises:
+            dicom_io.uids.InvalidUIDError: when ``study_uid`` is malformed.
+            LookupError: when no such study is stored.
+            kombu.exceptions.OperationalError: when the broker cannot be reached.
+        """
         require_uid(study_uid, "Study Instance UID")
-        with session_scope(self.url) as session:
-            study = session.query(Study).filter(Study.study_uid == study_uid).one_or_none()
-            if study is None:
-                raise LookupError("no such study")
-            if study.revision == 0:
-                study.revision = 1
-            study.status = StudyStatus.QUEUED
-            study.queued_at = utcnow()
-            study_id, revision = study.id, study.revision
-        self.enqueue(study_id, revision, queue=BATCH)
+        with session_scope(self.config.database_url) as session:
+            study_id, revision = repo.requeue_study(session, study_uid)
+        self.enqueue(study_id, revision, queue=QueueName.BATCH)
         return study_id

@@ -2,7 +2,8 @@
 
 The model card declares the population (pediatric frontal chest X-rays, an upper
 age in years). A study outside it still gets its result, flagged
-``outside-intended-use`` in the database, the SR text and every listing.
+:attr:`worker.flags.ResultFlag.OUTSIDE_INTENDED_USE` in the database, the SR
+text and every listing.
 """
 
 from __future__ import annotations
@@ -11,7 +12,16 @@ import re
 from dataclasses import dataclass
 from datetime import date
 
-OUTSIDE_INTENDED_USE = "outside-intended-use"
+from pydicom.dataset import Dataset
+
+__all__ = [
+    "AgeEvidence",
+    "age_in_years",
+    "intended_max_age",
+    "outside_intended_use",
+    "parse_age_string",
+    "parse_da",
+]
 
 # PS3.5 §6.2, VR AS: "nnnD", "nnnW", "nnnM" or "nnnY". Real archives also
 # hold non-conformant values such as "81" or "45Y" (seen in NIH ChestX-ray14
@@ -28,6 +38,18 @@ class AgeEvidence:
     patient_age: str | None = None  # (0010,1010) Patient's Age, AS
     birth_date: date | None = None  # (0010,0030) Patient's Birth Date
     study_date: date | None = None  # (0008,0020) Study Date
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset | None) -> AgeEvidence:
+        """The age attributes of ``ds`` (PS3.3 §C.7.1.1, §C.7.2.1); empty for None."""
+        if ds is None:
+            return cls()
+        age = str(ds.get("PatientAge", "") or "").strip() or None
+        return cls(
+            patient_age=age,
+            birth_date=parse_da(ds.get("PatientBirthDate")),
+            study_date=parse_da(ds.get("StudyDate")),
+        )
 
 
 def parse_age_string(value: str | None) -> float | None:
@@ -72,3 +94,8 @@ def outside_intended_use(evidence: AgeEvidence, max_age_years: int | None) -> bo
     age = age_in_years(evidence)
     # "up to 17 years" includes a 17-year-old until the 18th birthday.
     return age is not None and age >= max_age_years + 1
+
+
+def intended_max_age(card_max_age_years: int | None, default_max_age_years: int) -> int:
+    """The model card's upper age when it gives one, else the configured default."""
+    return default_max_age_years if card_max_age_years is None else card_max_age_years

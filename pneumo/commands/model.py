@@ -8,28 +8,286 @@ matplotlib) happen inside the command functions, so ``pneumo --help`` stays fast
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from pneumo.exit_codes import ExitCode
+
+__all__ = [
+    "TRAIN_OPTIONS",
+    "TRAIN_RECIPES",
+    "register",
+    "run_adapt",
+    "run_monitor",
+    "run_evaluate",
+    "run_train",
+    "train_config_kwargs",
+]
+
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_NO_METRICS = 1  # the run worked but nothing (or only one class) could be scored
-EXIT_USAGE = 2  # bad data path, unreadable model file, ...
 
-
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _register_train(subparsers)
     _register_evaluate(subparsers)
+    _register_model(subparsers)
+    _register_monitor(subparsers)
+
+
+# --- monitor ------------------------------------------------------------------
+
+
+def _register_monitor(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "monitor",
+        help="weekly drift of production scores against the validation reference",
+        description=(
+            "Compare production results with the model's validation reference (model.monitoring): "
+            "population stability index of the scores, not-a-chest and outside-intended-use "
+            "rates per ISO week; warns when a week's PSI exceeds --psi-alert."
+        ),
+    )
+    p.add_argument(
+        "--since",
+        type=dt.date.fromisoformat,
+        metavar="YYYY-MM-DD",
+        help="only results from this day on (default: the last 8 weeks)",
+    )
+    p.add_argument("--out", type=Path, metavar="DIR", help="write summary.json and PNG plots here")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        metavar="CSV",
+        help="predictions.csv of `pneumo evaluate` on validation data (default: the "
+        "reference stored in the weights file)",
+    )
+    _add_model_argument(p)
+    p.add_argument(
+        "--psi-alert",
+        type=float,
+        default=None,
+        metavar="X",
+        help="PSI above which a week is flagged (default: 0.25)",
+    )
+    p.set_defaults(func=run_monitor)
+
+
+def _production_results(since: dt.datetime) -> list[Any]:
+    """Results since ``since`` from the database, as ``model.monitoring.ScoredResult``."""
+    from db.engine import session_scope
+    from db.repository import recent_results
+    from model.inference import NOT_CHEST_CODE
+    from model.monitoring import ScoredResult
+    from pneumo.settings import load_settings
+    from worker.flags import ResultFlag
+
+    with session_scope(load_settings().effective_database_url) as session:
+        rows = recent_results(session, limit=1_000_000)
+    return [
+        ScoredResult(
+            created_at=r.created_at,
+            probability=r.probability,
+            not_chest=NOT_CHEST_CODE in r.flags,
+            outside_intended_use=ResultFlag.OUTSIDE_INTENDED_USE.value in r.flags,
+            finding=r.finding,
+        )
+        for r in rows
+        if r.created_at.replace(tzinfo=None) >= since.replace(tzinfo=None)
+    ]
+
+
+def _reference_scores(args: argparse.Namespace) -> list[float]:
+    """Validation probabilities: from --reference, else from the weights file."""
+    if args.reference is not None:
+        from model.evaluation import read_predictions_csv
+
+        return [
+            r.probability for r in read_predictions_csv(args.reference) if r.probability is not None
+        ]
+    import torch
+
+    weights = _weights_path(args)
+    payload = torch.load(weights, map_location="cpu", weights_only=False)
+    ref = payload.get("monitoring_reference")
+    if ref is None:
+        raise ValueError(f"{Path(weights).name} stores no validation reference; pass --reference")
+    return [float(x) for x in ref]
+
+
+def run_monitor(args: argparse.Namespace) -> int:
+    from model.monitoring import DEFAULT_PSI_ALERT, weekly_summaries
+
+    since = (
+        dt.datetime.combine(args.since, dt.time())
+        if args.since
+        else dt.datetime.now() - dt.timedelta(weeks=8)
+    )
+    try:
+        reference = _reference_scores(args)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # RuntimeError: WeightsError
+        print(f"pneumo monitor: error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    try:
+        results = _production_results(since)
+    except Exception as exc:  # database unreachable or not migrated
+        print(f"pneumo monitor: error: database: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return ExitCode.UNAVAILABLE
+    alert = DEFAULT_PSI_ALERT if args.psi_alert is None else args.psi_alert
+    weeks = weekly_summaries(results, reference, psi_alert=alert)
+    summary = {
+        "since": since.date().isoformat(),
+        "psi_alert": alert,
+        "n_reference": len(reference),
+        "weeks": [w.to_dict() for w in weeks],
+    }
+    print(f"{'week':<9} {'n':>6} {'PSI':>7} {'not-chest':>9} {'outside use':>11}")
+    for w in weeks:
+        psi = "n/a" if w.psi is None else f"{w.psi:.3f}"
+        print(
+            f"{w.week:<9} {w.n:>6} {psi:>7} {w.not_chest_rate:>9.3f} "
+            f"{w.outside_intended_use_rate:>11.3f}{'  DRIFT' if w.drift else ''}"
+        )
+    drifted = [w.week for w in weeks if w.drift]
+    if drifted:
+        print(
+            f"pneumo monitor: warning: score drift (PSI > {alert}) in {', '.join(drifted)}",
+            file=sys.stderr,
+        )
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _monitor_plots(weeks, alert, args.out)
+    return ExitCode.OK
+
+
+def _monitor_plots(weeks: list[Any], alert: float, out: Path) -> None:
+    """``psi.png`` and ``rates.png``: one point per week."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = [w.week for w in weeks]
+    for name, series in (
+        ("psi.png", {"PSI": [w.psi if w.psi is not None else float("nan") for w in weeks]}),
+        (
+            "rates.png",
+            {
+                "not a chest radiograph": [w.not_chest_rate for w in weeks],
+                "outside intended use": [w.outside_intended_use_rate for w in weeks],
+            },
+        ),
+    ):
+        fig = Figure(figsize=(6, 3.5), dpi=100, layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for label, ys in series.items():
+            ax.plot(labels, ys, marker="o", label=label)
+        if name == "psi.png":
+            ax.axhline(alert, color="#d62728", linestyle="--", label=f"alert {alert}")
+        ax.set(xlabel="ISO week", title=name.removesuffix(".png"))
+        ax.legend(fontsize=8)
+        ax.tick_params(axis="x", labelrotation=45)
+        fig.savefig(out / name)
+
+
+# --- model adapt --------------------------------------------------------------
+
+
+def _register_model(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("model", help="derive a new model version (site adaptation)")
+    sub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    a = sub.add_parser(
+        "adapt",
+        help="re-estimate normalisation statistics (and the class prior) on unlabelled images",
+        description=(
+            "Label-free site adaptation (model.adapt): writes a new weights file whose "
+            "BatchNorm statistics come from the site's images under --data (JPEG/PNG/DICOM, "
+            "searched recursively; folder names and any labels are ignored)."
+        ),
+    )
+    a.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="folder of the site's unlabelled images",
+    )
+    a.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="the adapted weights file to write (<name>-<version>.pt)",
+    )
+    a.add_argument("--version", required=True, help="version of the adapted model")
+    _add_model_argument(a)
+    a.add_argument(
+        "--prior",
+        action="store_true",
+        help="also re-estimate the share of pneumonia at the site (EM)",
+    )
+    a.add_argument(
+        "--limit", type=int, default=2000, metavar="N", help="use at most N images (default: 2000)"
+    )
+    a.set_defaults(func=run_adapt)
+
+
+def _site_images(folder: Path, limit: int) -> tuple[list[Any], int]:
+    """Decoded images under ``folder`` (sorted, at most ``limit``) and how many failed."""
+    from dicom_io.pixels import PixelReadError, read_pixels_file
+    from model.evaluation_sets import DICOM_SUFFIXES
+    from model.images import IMAGE_SUFFIXES, ImageLoadError, load_image_file
+
+    images: list[Any] = []
+    failed = 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if len(images) >= limit:
+            break
+        suffix = path.suffix.lower()
+        try:
+            if suffix in IMAGE_SUFFIXES:
+                images.append(load_image_file(path))
+            elif suffix in DICOM_SUFFIXES:
+                images.append(read_pixels_file(path))
+        except (ImageLoadError, PixelReadError, OSError):
+            failed += 1
+    return images, failed
+
+
+def run_adapt(args: argparse.Namespace) -> int:
+    from model.adapt import adapt_weights
+    from model.inference import WeightsError
+
+    if not args.data.is_dir():
+        print(f"pneumo model adapt: error: --data is not a folder: {args.data}", file=sys.stderr)
+        return ExitCode.USAGE
+    try:
+        source = _weights_path(args)
+    except WeightsError as exc:
+        print(f"pneumo model adapt: error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    images, failed = _site_images(args.data, args.limit)
+    try:
+        result = adapt_weights(source, images, args.out, args.version, adapt_prior=args.prior)
+    except (ValueError, WeightsError) as exc:
+        print(f"pneumo model adapt: error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    prior = (
+        ""
+        if result.prior_site is None
+        else (f"; pneumonia share {result.prior_source:.2f} -> {result.prior_site:.2f}")
+    )
+    print(f"{result.path} (from {result.n_images} images, {failed} unreadable{prior})")
+    return ExitCode.OK
 
 
 # --- evaluate ---------------------------------------------------------------
 
 
-def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
+def _register_evaluate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "evaluate",
         help="score the model on a labelled data set, with 95%% bootstrap CIs",
@@ -40,23 +298,53 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
             "chest radiograph, are listed as not processed and left out of the metrics."
         ),
     )
-    p.add_argument("--data", required=True, type=Path, metavar="PATH",
-                   help="folder with NORMAL/ and PNEUMONIA/, or an .npz file")
-    p.add_argument("--model", type=Path, metavar="FILE",
-                   help="weights file (default: PNEUMO_MODEL_PATH or the shipped model)")
-    p.add_argument("--out", type=Path, metavar="DIR",
-                   help="write metrics.json, predictions.csv and PNG plots here")
-    p.add_argument("--format", choices=("table", "json"), default="table",
-                   help="what to print on stdout (default: table)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"),
-                   help="split of an .npz file (default: test)")
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                   help="bootstrap resamples for the 95%% CIs (default: 1000; 0 = none)")
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="folder with NORMAL/ and PNEUMONIA/, or an .npz file",
+    )
+    _add_model_argument(p)
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="write metrics.json, predictions.csv and PNG plots here",
+    )
+    p.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="what to print on stdout (default: table)",
+    )
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=("train", "val", "test"),
+        help="split of an .npz file (default: test)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="bootstrap resamples for the 95%% CIs (default: 1000; 0 = none)",
+    )
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
-    p.add_argument("--batch-size", type=int, default=32, metavar="N",
-                   help="images per forward pass (default: 32)")
-    p.add_argument("--limit", type=int, metavar="N",
-                   help="evaluate a seeded, class-stratified subset of N images (quick checks)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        metavar="N",
+        help="images per forward pass (default: 32)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="evaluate a seeded, class-stratified subset of N images (quick checks)",
+    )
     p.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
     p.add_argument("--no-plots", action="store_true", help="with --out: skip the PNG plots")
     p.set_defaults(func=run_evaluate)
@@ -72,15 +360,35 @@ def _default_model_path() -> Path | None:
         return None
 
 
+def _add_model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        type=Path,
+        metavar="FILE",
+        help="weights file (default: PNEUMO_MODEL_PATH or the shipped model)",
+    )
+
+
+def _weights_path(args: argparse.Namespace) -> Path:
+    """--model, else PNEUMO_MODEL_PATH, else the shipped weights.
+
+    Raises:
+        model.inference.WeightsError: no weights file is shipped.
+    """
+    from model.inference import default_weights_path
+
+    return Path(args.model or _default_model_path() or default_weights_path())
+
+
 def _fail(message: str) -> int:
     print(f"pneumo evaluate: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+    return ExitCode.USAGE
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from dicom_io.pixels import read_pixels_file
-    from model.datasets import DatasetError, open_dataset, stratified_subset
     from model.evaluation import evaluate, format_table, write_outputs
+    from model.evaluation_sets import DatasetError, open_dataset, stratified_subset
 
     if args.bootstrap < 0 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         return _fail("--bootstrap must be >= 0, --batch-size and --limit >= 1")
@@ -103,10 +411,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    with tqdm(total=len(dataset), desc="evaluate", unit="img", file=sys.stderr,
-              disable=None, leave=False) as bar:
-        result = evaluate(predictor, dataset, n_bootstrap=args.bootstrap, seed=args.seed,
-                          batch_size=args.batch_size, progress=bar.update)
+    with tqdm(
+        total=len(dataset), desc="evaluate", unit="img", file=sys.stderr, disable=None, leave=False
+    ) as bar:
+        result = evaluate(
+            predictor,
+            dataset,
+            n_bootstrap=args.bootstrap,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            progress=bar.update,
+        )
 
     if args.out is not None:
         written = write_outputs(result, args.out, plots=not args.no_plots)
@@ -115,10 +430,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json(), allow_nan=False))
     else:
         print(format_table(result))
-    return EXIT_OK if result.metrics is not None else EXIT_NO_METRICS
+    # FAILED: the run worked but nothing (or only one class) could be scored
+    return ExitCode.OK if result.metrics is not None else ExitCode.FAILED
 
 
 # --- train ------------------------------------------------------------------
+
+#: Names of ``model.train.RECIPES`` (spelled out for the same reason as TRAIN_OPTIONS).
+TRAIN_RECIPES = ("full", "quick", "1.0.0")
 
 # One entry per field of ``model.train.TrainConfig``: (type, help). Only options
 # given on the command line are passed on (argparse.SUPPRESS), so the defaults
@@ -140,10 +459,14 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "ema_decay": (float, "decay of the weight moving average that is evaluated and shipped"),
     "val_fraction": (float, "share of patients held out for validation"),
     "seed": (int, "random seed (split, initialisation, augmentation)"),
-    "patience": (int, "early stopping: epochs without validation-AUC gain"),
+    "patience": (int, "early stopping: epochs without gain in mean plain/perturbed val AUC"),
     "width": (int, "channels of the first ResNet stage"),
     "blocks": (str, "residual blocks per stage, comma-separated"),
     "dropout": (float, "dropout before the classifier"),
+    "arch": (str, "network: pneumonet (ours), resnet18 or resnet34 (torchvision, from scratch)"),
+    "shift_prob": (float, "share of training images given acquisition-like perturbations"),
+    "label_smoothing": (float, "label smoothing of the BCE targets"),
+    "mixup": (float, ">0: mixup with Beta(a, a) mixing weights"),
     "input_size": (int, "side of the square network input"),
     "target_sensitivity": (float, "operating threshold: sensitivity on validation"),
     "ood_quantile": (float, "not-a-chest guard: quantile of validation OOD scores"),
@@ -153,28 +476,50 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "resume": (bool, "resume from the last checkpoint in --work-dir"),
     "device": (str, "torch device ('' = CUDA when present, else CPU)"),
     "threads": (int, "torch CPU threads (0 = torch default)"),
+    "channels_last": (bool, "NHWC memory layout (faster on CPU for the torchvision ResNets)"),
+    "tta": (str, "test-time augmentation: hflip-mean-logit or none"),
+    "weights_dtype": (str, "dtype of the shipped weights: float32 or float16"),
     "progress": (bool, "show a progress bar"),
 }
 
 
-def _register_train(subparsers: argparse._SubParsersAction) -> None:
+def _register_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "train",
         help="train the pneumonia CNN (reproducible, resumable, early stopping)",
         description=(
-            "Train, calibrate and export the model. Defaults are the shipped model's recipe "
-            "(model.train.TrainConfig). Rerunning the same command after an interruption "
-            "resumes from the last checkpoint in --work-dir."
+            "Train, calibrate and export the model. --recipe picks a named recipe "
+            "(model.train.RECIPES); the options below override single fields of it. Rerunning "
+            "the same command after an interruption resumes from the last checkpoint in "
+            "--work-dir."
         ),
+    )
+    p.add_argument(
+        "--recipe",
+        choices=TRAIN_RECIPES,
+        default="full",
+        help="full: the pneumonet-2.0.0 recipe (~2 h CPU); quick: under an hour, for "
+        "sites that retrain; 1.0.0: the first release (default: full)",
     )
     for name, (kind, help_text) in TRAIN_OPTIONS.items():
         flag = "--" + name.replace("_", "-")
         if kind is bool:
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                           default=argparse.SUPPRESS, help=help_text)
+            p.add_argument(
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
         else:
-            p.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS,
-                           metavar=name.upper(), help=help_text)
+            p.add_argument(
+                flag,
+                dest=name,
+                type=kind,
+                default=argparse.SUPPRESS,
+                metavar=name.upper(),
+                help=help_text,
+            )
     p.set_defaults(func=run_train)
 
 
@@ -187,17 +532,19 @@ def run_train(args: argparse.Namespace) -> int:
     from model.train import TrainConfig, run_training
 
     try:
-        config = TrainConfig(**train_config_kwargs(args))
+        config = TrainConfig.for_recipe(
+            getattr(args, "recipe", "full"), **train_config_kwargs(args)
+        )
     except (TypeError, ValueError) as exc:
         print(f"pneumo train: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     try:
         weights = run_training(config)
     except KeyboardInterrupt:
         print("pneumo train: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return 130  # 128 + SIGINT: the shell convention for an interrupted command
     except (OSError, ValueError) as exc:
         print(f"pneumo train: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     print(weights)
-    return EXIT_OK
+    return ExitCode.OK

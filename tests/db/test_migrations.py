@@ -35,9 +35,7 @@ def test_staff_query_indexes_exist(db_url: str) -> None:
             for table in ("study", "result")
             for ix in inspector.get_indexes(table)
         }
-        uniques = {
-            tuple(uc["column_names"]) for uc in inspector.get_unique_constraints("result")
-        }
+        uniques = {tuple(uc["column_names"]) for uc in inspector.get_unique_constraints("result")}
     finally:
         engine.dispose()
     for column in ("patient_id", "accession_number", "study_date", "status"):

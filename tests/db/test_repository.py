@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from db import migrate, repository as repo
+from db import migrate
+from db import repository as repo
 from db.engine import session_scope
 from db.models import (
     Delivery,
@@ -34,7 +35,7 @@ def _instance(n: int, study: str = STUDY) -> repo.InstanceRecord:
         path=f"/spool/{n}.dcm",
         size=1000 + n,
         calling_aet="MODALITY",
-        received_at=datetime.now(timezone.utc),
+        received_at=datetime.now(UTC),
     )
 
 
@@ -81,15 +82,24 @@ def test_save_result_is_idempotent_per_study_model_revision(url: str) -> None:
         instance_id = repo.record_instance(s, _instance(1))
         sid, rev = repo.mark_study_queued(s, STUDY, amended=False)
         mv = repo.ensure_model_version(s, name="m", version="1", sha256="a" * 64, threshold=0.5)
-        assert repo.ensure_model_version(
-            s, name="m", version="1", sha256="a" * 64, threshold=0.5
-        ) == mv
+        assert (
+            repo.ensure_model_version(s, name="m", version="1", sha256="a" * 64, threshold=0.5)
+            == mv
+        )
 
     def save(probability: float) -> int:
         record = repo.ResultRecord(
-            study_id=sid, model_version_id=mv, revision=rev, status=ResultStatus.COMPLETE,
-            probability=probability, finding=probability >= 0.5, threshold=0.5, ood=False,
-            outside_intended_use=False, flags=("x",), timings={"inference": 0.1},
+            study_id=sid,
+            model_version_id=mv,
+            revision=rev,
+            status=ResultStatus.COMPLETE,
+            probability=probability,
+            finding=probability >= 0.5,
+            threshold=0.5,
+            ood=False,
+            outside_intended_use=False,
+            flags=("x",),
+            timings={"inference": 0.1},
         )
         image = repo.ImageOutcome(instance_id, probability, 0.1, True, probability >= 0.5)
         with session_scope(url) as s:
@@ -115,8 +125,13 @@ def test_unique_key_rejects_plain_duplicate_insert(url: str) -> None:
     with session_scope(url) as s:
         sid, rev = repo.mark_study_queued(s, STUDY, amended=False)
         mv = repo.ensure_model_version(s, name="m", version="1", sha256="b" * 64, threshold=0.5)
-    fields = dict(study_id=sid, model_version_id=mv, revision=rev,
-                  status=ResultStatus.NO_USABLE_IMAGE, threshold=0.5)
+    fields = dict(
+        study_id=sid,
+        model_version_id=mv,
+        revision=rev,
+        status=ResultStatus.NO_USABLE_IMAGE,
+        threshold=0.5,
+    )
     with session_scope(url) as s:
         s.add(Result(**fields))
     with pytest.raises(IntegrityError):
@@ -128,10 +143,21 @@ def test_delivery_row_survives_repeat_and_counts_attempts(url: str) -> None:
     with session_scope(url) as s:
         sid, rev = repo.mark_study_queued(s, STUDY, amended=False)
         mv = repo.ensure_model_version(s, name="m", version="1", sha256="c" * 64, threshold=0.5)
-        rid = repo.save_result(s, repo.ResultRecord(
-            study_id=sid, model_version_id=mv, revision=rev, status=ResultStatus.COMPLETE,
-            probability=0.1, finding=False, threshold=0.5, ood=False,
-            outside_intended_use=False), [])
+        rid = repo.save_result(
+            s,
+            repo.ResultRecord(
+                study_id=sid,
+                model_version_id=mv,
+                revision=rev,
+                status=ResultStatus.COMPLETE,
+                probability=0.1,
+                finding=False,
+                threshold=0.5,
+                ood=False,
+                outside_intended_use=False,
+            ),
+            [],
+        )
         did = repo.ensure_delivery(s, rid, "PACS@127.0.0.1:104")
         repo.record_delivery_attempt(s, did, ok=False, error="ConnectionRefused")
     with session_scope(url) as s:

@@ -1,7 +1,6 @@
 """Shared fixtures for the dicom_io content tests (selection, pixels, SR, SC).
 
-Paths to the shared data are computed in each test module (pytest runs with
-``--import-mode=importlib``, so test modules cannot import this file).
+Paths come from :mod:`tests.paths`, skip helpers from the root ``conftest.py``.
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
 from dicom_io.pixels import read_pixels, read_pixels_file
+from tests.paths import DICOM_DATA
 
-REPO = Path(__file__).resolve().parents[2]
-CXR = REPO.parent / "shared" / "data" / "dicom" / "cxr"
+CXR = DICOM_DATA / "cxr"
 
 TOLERANCE = 1.0 / 255.0
 
@@ -89,11 +89,15 @@ def v_invert_photometric(ds: Dataset) -> Dataset:
     """MONOCHROME1 <-> MONOCHROME2 with stored values (and window) inverted."""
     top = 2 ** int(ds.BitsStored) - 1
     stored = top - _stored(ds)
-    ds.PhotometricInterpretation = "MONOCHROME2" if ds.PhotometricInterpretation == "MONOCHROME1" else "MONOCHROME1"
+    ds.PhotometricInterpretation = (
+        "MONOCHROME2" if ds.PhotometricInterpretation == "MONOCHROME1" else "MONOCHROME1"
+    )
     if (win := _window(ds)) is not None:
         ds.WindowCenter = top - win[0]
     if "PresentationLUTShape" in ds:
-        ds.PresentationLUTShape = "INVERSE" if ds.PhotometricInterpretation == "MONOCHROME1" else "IDENTITY"
+        ds.PresentationLUTShape = (
+            "INVERSE" if ds.PhotometricInterpretation == "MONOCHROME1" else "IDENTITY"
+        )
     _set_pixels(ds, stored, bits_stored=int(ds.BitsStored))
     return ds
 

@@ -10,10 +10,10 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicom_io.pixels import PixelReadError, read_pixels, read_pixels_file
+from dicom_io.pixels import PixelErrorKind, PixelReadError, read_pixels, read_pixels_file
+from tests.paths import DICOM_DATA
 
-REPO = Path(__file__).resolve().parents[2]
-DICOM = REPO.parent / "shared" / "data" / "dicom"
+DICOM = DICOM_DATA
 
 
 def _need(rel: str) -> Path:
@@ -23,8 +23,14 @@ def _need(rel: str) -> Path:
     return path
 
 
-def synthetic(stored: np.ndarray, *, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
-              signed: bool = False, **attrs: object) -> Dataset:
+def synthetic(
+    stored: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    signed: bool = False,
+    **attrs: object,
+) -> Dataset:
     """A native (uncompressed) little-endian dataset holding ``stored``."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -59,12 +65,17 @@ def _mediastinum_minus_lungs(arr: np.ndarray) -> float:
     rows = slice(h * 3 // 10, h * 6 // 10)
     centre = arr[rows, w * 45 // 100 : w * 55 // 100].mean()
     lungs = np.concatenate(
-        [arr[rows, w * 18 // 100 : w * 32 // 100].ravel(), arr[rows, w * 68 // 100 : w * 82 // 100].ravel()]
+        [
+            arr[rows, w * 18 // 100 : w * 32 // 100].ravel(),
+            arr[rows, w * 68 // 100 : w * 82 // 100].ravel(),
+        ]
     ).mean()
     return float(centre - lungs)
 
 
-@pytest.mark.parametrize("rel", ["cxr/RG1_UNCR.dcm", "cxr/RG1_J2KI.dcm", "cxr/udacity_aihcnd_test1.dcm"])
+@pytest.mark.parametrize(
+    "rel", ["cxr/RG1_UNCR.dcm", "cxr/RG1_J2KI.dcm", "cxr/udacity_aihcnd_test1.dcm"]
+)
 def test_brighter_is_denser_on_real_chest(rel: str) -> None:
     # On a frontal chest film the mediastinum/spine is denser than the aerated lungs,
     # so it must come out brighter, whether the file is MONOCHROME1 (RG1) or MONOCHROME2.
@@ -92,7 +103,9 @@ def test_linear_window() -> None:
 def test_window_is_applied_after_rescale() -> None:
     stored = np.array([[0, 50, 100]], np.uint16)
     # Modality values: -1000, 0, 1000. The window is in modality units.
-    out = read_pixels(synthetic(stored, RescaleSlope=20, RescaleIntercept=-1000, WindowCenter=0, WindowWidth=2001))
+    out = read_pixels(
+        synthetic(stored, RescaleSlope=20, RescaleIntercept=-1000, WindowCenter=0, WindowWidth=2001)
+    )
     assert out[0, 0] == pytest.approx(0.0, abs=1e-3)
     assert out[0, 1] == pytest.approx(0.5, abs=1e-3)
     assert out[0, 2] == pytest.approx(1.0, abs=1e-3)
@@ -110,8 +123,12 @@ def test_modality_lut_sequence_is_applied() -> None:
 
 def test_zero_rescale_slope_refused() -> None:
     with pytest.raises(PixelReadError) as exc:
-        read_pixels(synthetic(np.arange(4, dtype=np.uint16).reshape(2, 2), RescaleSlope=0, RescaleIntercept=0))
-    assert exc.value.kind == "invalid-header"
+        read_pixels(
+            synthetic(
+                np.arange(4, dtype=np.uint16).reshape(2, 2), RescaleSlope=0, RescaleIntercept=0
+            )
+        )
+    assert exc.value.kind is PixelErrorKind.INVALID_HEADER
 
 
 def test_sigmoid_window() -> None:
@@ -140,7 +157,7 @@ def test_no_voi_stretches_actual_range() -> None:
 def test_blank_image_refused() -> None:
     with pytest.raises(PixelReadError) as exc:
         read_pixels(synthetic(np.full((4, 4), 7, np.uint16)))
-    assert exc.value.kind == "blank-image"
+    assert exc.value.kind is PixelErrorKind.BLANK_IMAGE
 
 
 def test_decompression_bomb_checked_before_decoding() -> None:
@@ -150,13 +167,13 @@ def test_decompression_bomb_checked_before_decoding() -> None:
     ds.Rows = ds.Columns = 60000
     with pytest.raises(PixelReadError) as exc:
         read_pixels(ds)
-    assert exc.value.kind == "decompression-bomb"
+    assert exc.value.kind is PixelErrorKind.DECOMPRESSION_BOMB
     # A cap below an ordinary image's size refuses it too; frames count.
     ds = synthetic(np.arange(16, dtype=np.uint16).reshape(4, 4))
     assert read_pixels(ds, max_pixels_bits=4 * 4 * 16).shape == (4, 4)
     with pytest.raises(PixelReadError) as exc:
         read_pixels(ds, max_pixels_bits=4 * 4 * 16 - 1)
-    assert exc.value.kind == "decompression-bomb"
+    assert exc.value.kind is PixelErrorKind.DECOMPRESSION_BOMB
     ds.NumberOfFrames = 2
     with pytest.raises(PixelReadError):
         read_pixels(ds, max_pixels_bits=4 * 4 * 16)
@@ -245,7 +262,13 @@ def test_multiframe_gives_first_frame() -> None:
 
 
 @pytest.mark.parametrize(
-    "rel", ["cxr/RG1_J2KI.dcm", "other/emri_small_jpeg_ls_lossless.dcm", "other/JPEG-LL.dcm", "other/JPGExtended.dcm"]
+    "rel",
+    [
+        "cxr/RG1_J2KI.dcm",
+        "other/emri_small_jpeg_ls_lossless.dcm",
+        "other/JPEG-LL.dcm",
+        "other/JPGExtended.dcm",
+    ],
 )
 def test_gdcm_fallback_when_pylibjpeg_fails(rel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from pydicom.pixels.decoders.base import Decoder
@@ -265,3 +288,56 @@ def test_gdcm_fallback_when_pylibjpeg_fails(rel: str, monkeypatch: pytest.Monkey
     got = read_pixels_file(path)
     assert used[:2] == ["pylibjpeg", "gdcm"]
     assert float(np.max(np.abs(got - reference))) <= 1.0 / 255.0
+
+
+def _rle(rows: int, cols: int) -> Dataset:
+    """A 64 x 64 RLE Lossless image (PS3.5 Annex G) whose header claims ``rows`` x ``cols``."""
+    from pydicom.uid import RLELossless
+
+    ds = synthetic(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
+    ds.compress(RLELossless, encoding_plugin="pydicom")
+    ds.Rows, ds.Columns = rows, cols
+    return ds
+
+
+def test_decoder_panic_becomes_a_pixel_read_error() -> None:
+    """pylibjpeg-rle panics (pyo3 PanicException, a BaseException) on Rows/Columns that
+    disagree with the data: it must become a PixelReadError, not escape ``except Exception``."""
+    from pydicom.pixels.decoders.base import get_decoder
+    from pydicom.uid import RLELossless
+
+    if "pylibjpeg" not in get_decoder(RLELossless).available_plugins:
+        pytest.skip("pylibjpeg-rle not installed")
+    ds = _rle(63, 65)
+    with pytest.raises(BaseException) as raw:  # the decoder on its own really panics
+        get_decoder(RLELossless).as_array(ds, index=0, decoding_plugin="pylibjpeg")
+    assert not isinstance(raw.value, Exception)
+
+    with pytest.raises(PixelReadError) as exc:
+        read_pixels(ds)
+    assert exc.value.kind is PixelErrorKind.DECODER_CRASHED
+    assert "PanicException" in str(exc.value)
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit, GeneratorExit])
+def test_interrupts_are_never_swallowed(monkeypatch: pytest.MonkeyPatch, stop: type) -> None:
+    from pydicom.pixels.decoders.base import Decoder
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise stop()
+
+    monkeypatch.setattr(Decoder, "as_array", interrupted)
+    with pytest.raises(stop):
+        read_pixels(_rle(64, 64))
+
+
+def test_error_kind_is_the_enum_and_messages_quote_no_header_value() -> None:
+    ds = synthetic(np.zeros((4, 4), dtype=np.uint16), photometric="PHI-LIKE-VALUE")
+    with pytest.raises(PixelReadError) as exc:
+        read_pixels(ds)
+    assert exc.value.kind is PixelErrorKind.NOT_MONOCHROME
+    assert "PHI-LIKE-VALUE" not in str(exc.value)
+    # A kind given as its code is normalised; an unknown one is refused.
+    assert PixelReadError("truncated").kind is PixelErrorKind.TRUNCATED
+    with pytest.raises(ValueError):
+        PixelReadError("no-such-kind")

@@ -13,17 +13,28 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicom_io.pixels import read_pixels
-from dicom_io.sc import BURNED_IN_TEXT, blend_heatmap, build_heatmap_sc, burn_in_text, heatmap_sc_uid
+from dicom_io.sc import (
+    BURNED_IN_TEXT,
+    blend_heatmap,
+    build_heatmap_sc,
+    burn_in_text,
+    heatmap_sc_uid,
+)
 from dicom_io.sr import AlgorithmInfo, result_sr_uid
 from dicom_io.uids import is_valid_uid
+from tests.paths import DICOM_DATA
 
-REPO = Path(__file__).resolve().parents[2]
-CXR = REPO.parent / "shared" / "data" / "dicom" / "cxr"
+CXR = DICOM_DATA / "cxr"
 NIH = "nih_gcp_1.3.6.1.4.1.11129.5.5.110503645592756492463169821050252582267888.dcm"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
-ALGORITHM = AlgorithmInfo(name="pneumo-cnn", version="1.4.2", manufacturer="Pneumo Project",
-                          model_name="PneumoNet-CXR", parameters={})
+ALGORITHM = AlgorithmInfo(
+    name="pneumo-cnn",
+    version="1.4.2",
+    manufacturer="Pneumo Project",
+    model_name="PneumoNet-CXR",
+    parameters={},
+)
 
 
 def _load(name: str) -> tuple[Dataset, np.ndarray]:
@@ -62,7 +73,9 @@ def _sc(**kwargs: object) -> Dataset:
 def test_valid_per_dciodvfy(name: str, tmp_path: Path, dciodvfy) -> None:
     # MONOCHROME1 CR with orientation; 8-bit DX with body part; DX with neither.
     ds, img = _load(name)
-    sc = build_heatmap_sc(source=ds, image=img, heatmap=_blob(img.shape), algorithm=ALGORITHM, revision=0)
+    sc = build_heatmap_sc(
+        source=ds, image=img, heatmap=_blob(img.shape), algorithm=ALGORITHM, revision=0
+    )
     path = tmp_path / "sc.dcm"
     sc.save_as(path, enforce_file_format=True)
     errors, _ = dciodvfy(path)
@@ -144,14 +157,23 @@ def test_tiny_image_still_gets_text() -> None:
 def test_bad_heatmap_refused(heat: np.ndarray) -> None:
     ds, _ = _load("udacity_aihcnd_test2.dcm")
     with pytest.raises(ValueError):
-        build_heatmap_sc(source=ds, image=np.zeros((4, 4)), heatmap=heat, algorithm=ALGORITHM, revision=0)
+        build_heatmap_sc(
+            source=ds, image=np.zeros((4, 4)), heatmap=heat, algorithm=ALGORITHM, revision=0
+        )
 
 
 def test_long_identity_strings_stay_valid() -> None:
     ds, img = _load("udacity_aihcnd_test2.dcm")
-    long = AlgorithmInfo(name="n" * 80, version="1.4.2+" + "f" * 70, manufacturer="M" * 70,
-                         model_name="m" * 90, parameters={})
-    sc = build_heatmap_sc(source=ds, image=img, heatmap=_blob(img.shape), algorithm=long, revision=0)
+    long = AlgorithmInfo(
+        name="n" * 80,
+        version="1.4.2+" + "f" * 70,
+        manufacturer="M" * 70,
+        model_name="m" * 90,
+        parameters={},
+    )
+    sc = build_heatmap_sc(
+        source=ds, image=img, heatmap=_blob(img.shape), algorithm=long, revision=0
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sc.dcm"
         sc.save_as(path, enforce_file_format=True)
@@ -172,3 +194,22 @@ def test_no_patient_name_in_warnings() -> None:
         warnings.simplefilter("always")
         _sc(source=ds, image=img, heatmap=_blob(img.shape), revision=0)
     assert not [w for w in caught if "Qwertzuiop" in str(w.message)]
+
+
+def test_sc_builds_from_invalid_dates_and_nul_in_ids() -> None:
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    source, image = _load("RG1_UNCR.dcm")
+    for tag, vr, value in [
+        (0x00100030, "DA", b"19800231"),
+        (0x00080020, "DA", b"1980-01-02"),
+        (0x00100020, "LO", b"PAT\x0017"),
+    ]:
+        source[tag] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+    sc = build_heatmap_sc(
+        source=source, image=image, heatmap=_blob(image.shape), algorithm=ALGORITHM, revision=0
+    )
+    assert sc.PatientBirthDate in (None, "") and sc.StudyDate in (None, "")
+    assert sc.PatientID == "PAT17"
+    assert source.get_item(0x00100020).value == b"PAT\x0017"  # the caller's data set as read

@@ -10,10 +10,11 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
+from dicom_io.pixels import PixelErrorKind
 from dicom_io.selection import Selection, SkipReason, select_file, select_instance
+from tests.paths import DICOM_DATA
 
-REPO = Path(__file__).resolve().parents[2]
-DICOM = REPO.parent / "shared" / "data" / "dicom"
+DICOM = DICOM_DATA
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -123,7 +124,10 @@ def test_modalities() -> None:
     assert select_instance(header(Modality=None)).reason == "modality:none"
     # Secondary Capture marked CHEST is accepted; without CHEST it is not.
     assert select_instance(header(SOPClassUID=SC, Modality="OT")).selected
-    assert select_instance(header(SOPClassUID=SC, Modality="OT", BodyPartExamined=None)).reason == "modality:OT"
+    assert (
+        select_instance(header(SOPClassUID=SC, Modality="OT", BodyPartExamined=None)).reason
+        == "modality:OT"
+    )
     # OT that is not a Secondary Capture is not accepted even when marked CHEST.
     assert select_instance(header(Modality="OT")).reason == "modality:OT"
 
@@ -142,13 +146,18 @@ def test_frames_and_photometric() -> None:
     tampered[0x00280008] = RawDataElement(Tag(0x00280008), "IS", 4, b"abc ", 0, True, True)
     assert select_instance(tampered).reason == "multi-frame"
     assert select_instance(header(PhotometricInterpretation="MONOCHROME1")).selected
-    assert select_instance(header(PhotometricInterpretation="RGB", SamplesPerPixel=3)).reason == "not-monochrome:RGB"
+    assert (
+        select_instance(header(PhotometricInterpretation="RGB", SamplesPerPixel=3)).reason
+        == "not-monochrome:RGB"
+    )
     assert select_instance(header(PhotometricInterpretation=None)).reason == "not-monochrome:none"
 
 
 def test_for_processing_skipped() -> None:
     assert select_instance(header(PresentationIntentType="FOR PRESENTATION")).selected
-    assert select_instance(header(PresentationIntentType="FOR PROCESSING")).reason == "for-processing"
+    assert (
+        select_instance(header(PresentationIntentType="FOR PROCESSING")).reason == "for-processing"
+    )
     for_processing = header(SOPClassUID="1.2.840.10008.5.1.4.1.1.1.1.1")
     assert select_instance(for_processing).reason == "for-processing"
 
@@ -175,7 +184,27 @@ def test_unparseable_file(tmp_path: Path) -> None:
 
 
 def test_reason_helpers() -> None:
-    assert SkipReason.undecodable("decode-failed") == "undecodable:decode-failed"
+    assert SkipReason.undecodable(PixelErrorKind.DECODE_FAILED) == "undecodable:decode-failed"
+    assert SkipReason.undecodable(PixelErrorKind.DECODER_CRASHED) == "undecodable:decoder-crashed"
+    with pytest.raises(ValueError):  # only PixelErrorKind codes, never free text
+        SkipReason.undecodable("anything else")
     assert SkipReason.modality("CT") == "modality:CT"
     assert str(SkipReason.LATERAL_VIEW) == "lateral-view"
     assert Selection.skip(SkipReason.MULTI_FRAME) == Selection(False, "multi-frame")
+
+
+def test_select_file_reads_the_header_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """select_file asks pydicom to stop before Pixel Data: a 7 MB image costs its header."""
+    import pydicom
+
+    src = _need("cxr/RG1_UNCR.dcm")
+    calls: list[dict[str, object]] = []
+    real = pydicom.dcmread
+
+    def spy(*args: object, **kwargs: object) -> Dataset:
+        calls.append(kwargs)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pydicom, "dcmread", spy)
+    assert select_file(src).selected
+    assert calls and all(c.get("stop_before_pixels") is True for c in calls)

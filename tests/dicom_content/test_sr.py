@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import socket
 import subprocess
@@ -18,10 +19,10 @@ from pydicom.dataset import Dataset
 
 from dicom_io.sr import AlgorithmInfo, ImageFinding, build_result_sr, result_sr_uid
 from dicom_io.uids import is_valid_uid
+from tests.paths import DICOM_DATA
 
-REPO = Path(__file__).resolve().parents[2]
-CXR = REPO.parent / "shared" / "data" / "dicom" / "cxr"
-OTHER = REPO.parent / "shared" / "data" / "dicom" / "other"
+CXR = DICOM_DATA / "cxr"
+OTHER = DICOM_DATA / "other"
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
@@ -52,8 +53,17 @@ def dx_study() -> list[Dataset]:
     first = _header(CXR / "udacity_aihcnd_test2.dcm")
     others = [_header(CXR / "udacity_aihcnd_test3.dcm"), _header(OTHER / "CT_small.dcm")]
     for ds in others:
-        for kw in ("StudyInstanceUID", "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
-                   "AccessionNumber", "StudyDate", "StudyTime", "StudyID"):
+        for kw in (
+            "StudyInstanceUID",
+            "PatientID",
+            "PatientName",
+            "PatientBirthDate",
+            "PatientSex",
+            "AccessionNumber",
+            "StudyDate",
+            "StudyTime",
+            "StudyID",
+        ):
             if kw in first:
                 setattr(ds, kw, first[kw].value)
             elif kw in ds:
@@ -75,10 +85,17 @@ def dciodvfy_errors(ds: Dataset) -> list[str]:
     return [line for line in lines if line.startswith("Error")]
 
 
-def _build(evidence: list[Dataset], probs: list[float], threshold: float = 0.42, **kw: object) -> Dataset:
-    findings = [ImageFinding(ds, p, threshold) for ds, p in zip(evidence, probs)]
-    args = dict(evidence=evidence, findings=findings, algorithm=ALGORITHM, revision=1,
-                summary="Pneumonia suspected (AI, unverified).")
+def _build(
+    evidence: list[Dataset], probs: list[float], threshold: float = 0.42, **kw: object
+) -> Dataset:
+    findings = [ImageFinding(ds, p, threshold) for ds, p in zip(evidence, probs, strict=False)]
+    args = dict(
+        evidence=evidence,
+        findings=findings,
+        algorithm=ALGORITHM,
+        revision=1,
+        summary="Pneumonia suspected (AI, unverified).",
+    )
     args.update(kw)
     sr = build_result_sr(**args)  # type: ignore[arg-type]
     assert dciodvfy_errors(sr) == []
@@ -97,7 +114,11 @@ def _walk(items: object) -> Iterator[Dataset]:
 
 
 def _meaning(item: Dataset) -> str:
-    return str(item.ConceptNameCodeSequence[0].CodeMeaning) if "ConceptNameCodeSequence" in item else ""
+    return (
+        str(item.ConceptNameCodeSequence[0].CodeMeaning)
+        if "ConceptNameCodeSequence" in item
+        else ""
+    )
 
 
 def _groups(sr: Dataset) -> list[dict[str, object]]:
@@ -140,7 +161,9 @@ def test_no_findings_refused(dx_study: list[Dataset]) -> None:
 
 def test_headers_without_patient_attributes(tmp_path: Path, dciodvfy) -> None:
     # The NIH DICOM lacks Patient Birth Date, Accession Number, Study Date/Time/ID.
-    src = _header(CXR / "nih_gcp_1.3.6.1.4.1.11129.5.5.110503645592756492463169821050252582267888.dcm")
+    src = _header(
+        CXR / "nih_gcp_1.3.6.1.4.1.11129.5.5.110503645592756492463169821050252582267888.dcm"
+    )
     assert "StudyDate" not in src and "AccessionNumber" not in src
     sr = _build([src], [0.2])
     assert sr.PatientID == src.PatientID and sr.StudyDate in ("", None)
@@ -154,8 +177,12 @@ def test_non_image_evidence_and_unicode(dx_study: list[Dataset], tmp_path: Path,
     other_sr.StudyInstanceUID = dx_study[0].StudyInstanceUID
     for ds in dx_study:
         ds.PatientName = "Müller^Jürgen"
-    sr = _build([*dx_study, other_sr], [0.6, 0.2], summary="Pneumonie vermutet (p ≥ Schwelle).",
-                flags=["", "outside-intended-use"])
+    sr = _build(
+        [*dx_study, other_sr],
+        [0.6, 0.2],
+        summary="Pneumonie vermutet (p ≥ Schwelle).",
+        flags=["", "outside-intended-use"],
+    )
     path = _save(sr, tmp_path / "sr.dcm")
     errors, _ = dciodvfy(path)
     assert errors == []
@@ -187,7 +214,9 @@ def test_groups_reference_their_images(dx_study: list[Dataset]) -> None:
     a, b = (str(ds.SOPInstanceUID) for ds in dx_study[:2])
     assert by_image[a]["value"] == "52101004" and by_image[a]["Probability"] == pytest.approx(0.9)
     assert by_image[b]["value"] == "272519000" and by_image[b]["Probability"] == pytest.approx(0.1)
-    assert all(g["finding"] == "233604007" and g["Threshold Value"] == pytest.approx(0.42) for g in groups)
+    assert all(
+        g["finding"] == "233604007" and g["Threshold Value"] == pytest.approx(0.42) for g in groups
+    )
     # Every evidence object is listed in the evidence sequence, the CT too.
     listed = {
         str(inst.ReferencedSOPInstanceUID)
@@ -224,8 +253,13 @@ def test_deterministic_uid(rg1: Dataset) -> None:
 
 def test_long_identity_strings_stay_valid(rg1: Dataset) -> None:
     # Model versions such as "1.4.2+sha256:<64 hex>" exceed LO's 64 characters.
-    long = AlgorithmInfo(name="n" * 80, version="1.4.2+" + "f" * 70, manufacturer="M\\x" * 30,
-                         model_name="m" * 90, parameters={"k": "v" * 300})
+    long = AlgorithmInfo(
+        name="n" * 80,
+        version="1.4.2+" + "f" * 70,
+        manufacturer="M\\x" * 30,
+        model_name="m" * 90,
+        parameters={"k": "v" * 300},
+    )
     sr = _build([rg1], [0.5], algorithm=long)  # _build asserts zero dciodvfy errors
     assert len(str(sr.SoftwareVersions)) <= 64
 
@@ -244,8 +278,9 @@ def test_bad_probability_refused(rg1: Dataset, prob: float) -> None:
 
 def test_inconsistent_inputs_refused(rg1: Dataset, dx_study: list[Dataset]) -> None:
     def build(evidence: list[Dataset], findings: list[ImageFinding]) -> None:
-        build_result_sr(evidence=evidence, findings=findings, algorithm=ALGORITHM,
-                        revision=0, summary="x")
+        build_result_sr(
+            evidence=evidence, findings=findings, algorithm=ALGORITHM, revision=0, summary="x"
+        )
 
     with pytest.raises(ValueError, match="source image must be in the evidence"):
         build(dx_study, [ImageFinding(rg1, 0.5, 0.5)])
@@ -272,7 +307,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_dcmtk_pacs_accepts_sr_and_dsrdump_reads_it(dx_study: list[Dataset], tmp_path: Path, run_tool) -> None:
+def test_dcmtk_pacs_accepts_sr_and_dsrdump_reads_it(
+    dx_study: list[Dataset], tmp_path: Path, run_tool
+) -> None:
     """Send the SR with DCMTK storescu to a DCMTK storescp standing in for the PACS."""
     sr = _build(dx_study, [0.81, 0.12], flags=["outside-intended-use"])
     path = _save(sr, tmp_path / "sr.dcm")
@@ -282,7 +319,9 @@ def test_dcmtk_pacs_accepts_sr_and_dsrdump_reads_it(dx_study: list[Dataset], tmp
     env = {"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}
     scp = subprocess.Popen(
         ["/usr/bin/storescp", "-aet", "PACS", "-od", str(inbox), str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 10
@@ -292,7 +331,9 @@ def test_dcmtk_pacs_accepts_sr_and_dsrdump_reads_it(dx_study: list[Dataset], tmp
                     break
             assert time.monotonic() < deadline, "storescp did not start"
             time.sleep(0.05)
-        done = run_tool("storescu", "-R", "-aet", "PNEUMO", "-aec", "PACS", "127.0.0.1", str(port), path)
+        done = run_tool(
+            "storescu", "-R", "-aet", "PNEUMO", "-aec", "PACS", "127.0.0.1", str(port), path
+        )
         assert done.returncode == 0, done.stderr[-800:]
     finally:
         scp.terminate()
@@ -305,3 +346,27 @@ def test_dcmtk_pacs_accepts_sr_and_dsrdump_reads_it(dx_study: list[Dataset], tmp
     assert dump.returncode == 0
     assert '"Probability")="0.81"' in dump.stdout and '"Probability")="0.12"' in dump.stdout
     assert '(52101004,SCT,"Present")' in dump.stdout and '(272519000,SCT,"Absent")' in dump.stdout
+
+
+def test_sr_builds_from_invalid_dates_and_nul_in_ids(
+    rg1: Dataset, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Birth date 19800231 and a NUL in Patient ID must not fail the SR build (issue 8),
+    nor reach a log line; the source data set is left as read."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    def raw(tag: int, vr: str, value: bytes) -> None:
+        rg1[tag] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+
+    raw(0x00100030, "DA", b"19800231")
+    raw(0x00080020, "DA", b"1980-01-02")
+    raw(0x00100020, "LO", b"PAT\x0017")
+    raw(0x00080050, "SH", b"ACC\x00\x0042")
+    caplog.set_level(logging.DEBUG)
+    sr = _build([rg1], [0.7])
+    assert sr.PatientBirthDate in (None, "") and sr.StudyDate in (None, "")
+    assert sr.PatientID == "PAT17" and sr.AccessionNumber == "ACC42"
+    for value in ("19800231", "1980-01-02"):
+        assert value not in caplog.text
+    assert rg1.get_item(0x00100030).value == b"19800231"

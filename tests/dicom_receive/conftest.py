@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from dicom_receive_helpers import (  # noqa: E402
-    Collector,
-    StoreSCP,
-    need_dcmtk,
-    need_shared,
-)
-
-from dicom_io.config import ListenerConfig  # noqa: E402
-from dicom_io.listener import Listener  # noqa: E402
+from dicom_io.config import ListenerConfig
+from dicom_io.listener import Listener
+from tests.conftest import need_dcmtk
+from tests.dicom_receive.dicom_receive_helpers import Collector, StoreSCP
 
 
 @pytest.fixture
@@ -57,10 +49,3 @@ def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
     scp = StoreSCP(tmp_path / "pacs").start()
     yield scp
     scp.stop()
-
-
-@pytest.fixture
-def dicom_data() -> Path:
-    return need_shared()
-
-

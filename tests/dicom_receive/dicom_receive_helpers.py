@@ -5,38 +5,26 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
+import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pydicom
-import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_io.assembly import ReadyStudy
-
-REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared" / "data"
-DICOM_DATA = SHARED / "dicom"
+from tests.paths import DICOM_DATA
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
-
-
-def need_dcmtk(*tools: str) -> None:
-    for tool in tools:
-        if not Path("/usr/bin", tool).exists():
-            pytest.skip(f"DCMTK {tool} not installed")
-
-
-def need_shared() -> Path:
-    if not DICOM_DATA.is_dir():
-        pytest.skip("shared DICOM data not present")
-    return DICOM_DATA
 
 
 def free_port() -> int:
@@ -47,8 +35,19 @@ def free_port() -> int:
 
 def run_dcmtk(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*args], env=DCMTK_ENV, capture_output=True, text=True, errors="replace",
+        [*args],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        errors="replace",
         timeout=timeout,
+    )
+
+
+def storescu(port: int, *paths: Path | str) -> subprocess.CompletedProcess:
+    """DCMTK storescu to our listener on loopback, proposing only each file's own syntax (-R)."""
+    return run_dcmtk(
+        "/usr/bin/storescu", "-aec", "PNEUMO", "-R", "127.0.0.1", str(port), *map(str, paths)
     )
 
 
@@ -141,12 +140,22 @@ class StoreSCP:
         self.ae_title = ae_title
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "StoreSCP":
+    def start(self) -> StoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            ["/usr/bin/storescp", "+xa", "-aet", self.ae_title, "-od", str(self.folder),
-             "--fork", str(self.port)],
-            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "/usr/bin/storescp",
+                "+xa",
+                "-aet",
+                self.ae_title,
+                "-od",
+                str(self.folder),
+                "--fork",
+                str(self.port),
+            ],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -217,3 +226,42 @@ def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
+
+
+def encode_wire(ds: Dataset, implicit: bool = False) -> bytes:
+    """The data set as a sender puts it on the wire (no file meta), little endian."""
+    buf = DicomBytesIO()
+    buf.is_little_endian = True
+    buf.is_implicit_VR = implicit
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def deflate(data: bytes) -> bytes:
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return deflater.compress(data) + deflater.flush()
+
+
+def deflate_bomb(ds: pydicom.Dataset, pixel_bytes: int) -> bytes:
+    """``ds`` (no pixels) followed by ``pixel_bytes`` of zero Pixel Data, deflated in chunks.
+
+    A few hundred KB that inflate to ``pixel_bytes``; never held inflated here.
+    """
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    write_dataset(head, ds)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [deflater.compress(head.getvalue())]
+    # (7FE0,0010) OB, explicit VR little endian with a 32-bit length (PS3.5 §7.1.2).
+    parts.append(deflater.compress(struct.pack("<HH2s2xI", 0x7FE0, 0x0010, b"OB", pixel_bytes)))
+    zeros = bytes(1 << 20)
+    left = pixel_bytes
+    while left:
+        step = min(left, len(zeros))
+        parts.append(deflater.compress(zeros[:step]))
+        left -= step
+    parts.append(deflater.flush())
+    return b"".join(parts)

@@ -15,18 +15,19 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_io.uids import is_valid_uid
-
-from dicom_receive_helpers import (
+from tests.conftest import need_dcmtk
+from tests.dicom_receive.dicom_receive_helpers import (
     DCMTK_ENV,
     copy_shared,
     dataset_bytes,
     eventually,
     make_instance,
-    need_dcmtk,
     run_dcmtk,
     scu_store,
+    storescu,
     write_instance,
 )
+from tests.paths import REPO
 
 pytestmark = pytest.mark.dcmtk
 
@@ -87,10 +88,14 @@ def test_spooled_bytes_are_exactly_the_bytes_on_the_wire(make_listener, dicom_da
     ready.wait(1)
     time.sleep(0.6)
     spooled = {i.sop_instance_uid: i for s in ready.items for i in s.instances}
-    for f, src in zip(files, headers):
+    for f, src in zip(files, headers, strict=True):
         inst = spooled[str(src.SOPInstanceUID)]
-        assert inst.path == (listener.spool.root / str(src.StudyInstanceUID)
-                             / str(src.SeriesInstanceUID) / f"{src.SOPInstanceUID}.dcm")
+        assert inst.path == (
+            listener.spool.root
+            / str(src.StudyInstanceUID)
+            / str(src.SeriesInstanceUID)
+            / f"{src.SOPInstanceUID}.dcm"
+        )
         assert inst.transfer_syntax_uid == str(src.file_meta.TransferSyntaxUID)
         assert inst.calling_aet == "RAWSCU"
         assert dataset_bytes(inst.path) == dataset_bytes(f), f.name
@@ -104,12 +109,12 @@ def test_storescu_cxr_received(make_listener, dicom_data, tmp_path):
     need_dcmtk("storescu", "dcmsend")
     listener, ready = make_listener()
     files = copy_shared(CXR_FILES, tmp_path / "in")
-    r = run_dcmtk("/usr/bin/storescu", "-aec", "PNEUMO", "-R", "127.0.0.1",
-                  str(listener.port), str(files[0]), str(files[2]))
+    r = storescu(listener.port, files[0], files[2])
     assert r.returncode == 0, r.stderr
     # storescu cannot propose JPEG 2000 for an arbitrary file; dcmsend -dn can.
-    r = run_dcmtk("/usr/bin/dcmsend", "-dn", "-aec", "PNEUMO", "127.0.0.1",
-                  str(listener.port), str(files[1]))
+    r = run_dcmtk(
+        "/usr/bin/dcmsend", "-dn", "-aec", "PNEUMO", "127.0.0.1", str(listener.port), str(files[1])
+    )
     assert r.returncode == 0, r.stderr
     time.sleep(0.6)
     ready.wait(1)
@@ -129,8 +134,7 @@ def test_ct_and_sr_accepted_and_spooled(make_listener, dicom_data, tmp_path):
     need_dcmtk("storescu")
     listener, ready = make_listener()
     files = copy_shared(["other/CT_small.dcm", "other/test-SR.dcm"], tmp_path / "in")
-    r = run_dcmtk("/usr/bin/storescu", "-aec", "PNEUMO", "-R", "127.0.0.1",
-                  str(listener.port), *map(str, files))
+    r = storescu(listener.port, *files)
     assert r.returncode == 0, r.stderr
     studies = ready.wait(2)
     classes = {i.sop_class_uid for s in studies for i in s.instances}
@@ -154,9 +158,20 @@ def test_every_odd_file_is_stored_or_refused_without_crashing(
     src_dir = tmp_path / "other"
     files = copy_shared([r["file"] for r in rows], src_dir)
     report = tmp_path / "dcmsend.txt"
-    run_dcmtk("/usr/bin/dcmsend", "--no-halt", "+f", "-dn", "-aec", "PNEUMO",
-              "+crf", str(report), "127.0.0.1", str(listener.port), *map(str, files),
-              timeout=120)
+    run_dcmtk(
+        "/usr/bin/dcmsend",
+        "--no-halt",
+        "+f",
+        "-dn",
+        "-aec",
+        "PNEUMO",
+        "+crf",
+        str(report),
+        "127.0.0.1",
+        str(listener.port),
+        *map(str, files),
+        timeout=120,
+    )
     # Files DCMTK refused to read (truncated pixel data, missing meta) go by pynetdicom.
     text = report.read_text()
     not_sent = [
@@ -165,10 +180,17 @@ def test_every_odd_file_is_stored_or_refused_without_crashing(
     on_wire = [f for f in files if f not in not_sent]
     assert len(on_wire) > 30
     if not_sent:
-        result = send_files(not_sent, Destination("PNEUMO", "127.0.0.1", listener.port),
-                            calling_ae="PYSCU", retries=0)
-        on_wire += [f for f in not_sent if f in result.sent or
-                    any(p == f and r.startswith("status") for p, r in result.failed)]
+        result = send_files(
+            not_sent,
+            Destination("PNEUMO", "127.0.0.1", listener.port),
+            calling_ae="PYSCU",
+            retries=0,
+        )
+        on_wire += [
+            f
+            for f in not_sent
+            if f in result.sent or any(p == f and r.startswith("status") for p, r in result.failed)
+        ]
 
     assert _echo(listener.port).returncode == 0, "listener died"
 
@@ -298,8 +320,9 @@ def test_duplicates_identical_noop_different_replaced(make_listener):
 
 def test_pending_studies_survive_restart(make_listener, tmp_path):
     spool = tmp_path / "spool"
-    listener, ready = make_listener(spool=spool, study_quiet_seconds=30.0,
-                                    study_release_grace_seconds=30.0)
+    listener, ready = make_listener(
+        spool=spool, study_quiet_seconds=30.0, study_release_grace_seconds=30.0
+    )
     study = pydicom.uid.generate_uid()
     datasets = [make_instance(study, seed=i) for i in range(3)]
     scu_store(listener.port, datasets, end="abort")
@@ -386,8 +409,10 @@ def test_parallel_associations(make_listener, tmp_path):
             write_instance(make_instance(study, seed=10 * k + i, rows=128, cols=128), folder)
         folders.append(folder)
     procs = [
-        subprocess.Popen(["/usr/bin/storescu", "+sd", "-aec", "PNEUMO", "127.0.0.1",
-                          str(listener.port), str(f)], env=DCMTK_ENV)
+        subprocess.Popen(
+            ["/usr/bin/storescu", "+sd", "-aec", "PNEUMO", "127.0.0.1", str(listener.port), str(f)],
+            env=DCMTK_ENV,
+        )
         for f in folders
     ]
     assert all(p.wait(60) == 0 for p in procs)
@@ -412,20 +437,6 @@ def test_instance_callback_errors_do_not_affect_storage(make_listener):
     assert [i.sop_instance_uid for i in seen] == [str(ds.SOPInstanceUID)]
     assert seen[0] == result.instances[0]
     assert _echo(listener.port).returncode == 0
-
-
-def test_removed_study_is_not_recovered(make_listener, tmp_path):
-    spool = tmp_path / "spool"
-    listener, ready = make_listener(spool=spool)
-    study = pydicom.uid.generate_uid()
-    scu_store(listener.port, [make_instance(study)])
-    ready.wait(1)
-    listener.stop()
-    listener.spool.remove_study(study)
-    assert not (spool / study).exists()
-    _, ready2 = make_listener(spool=spool, study_quiet_seconds=0.2)
-    time.sleep(0.8)
-    assert ready2.items == []
 
 
 def test_association_limit_rejects_transiently(make_listener):
@@ -479,21 +490,36 @@ def test_module_entry_point_prints_json_lines(tmp_path):
     import signal
     import sys
 
-    from dicom_receive_helpers import REPO
-
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dicom_io", "listen", "--host", "127.0.0.1", "--port", "0",
-         "--spool", str(tmp_path / "spool"), "--quiet", "0.3", "--grace", "0.1",
-         "--reserve-mb", "0"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "dicom_io",
+            "listen",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--spool",
+            str(tmp_path / "spool"),
+            "--quiet",
+            "0.3",
+            "--grace",
+            "0.1",
+            "--reserve-mb",
+            "0",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         first = json.loads(proc.stdout.readline())
         assert first["event"] == "listening" and first["port"] > 0
         src = make_instance(pydicom.uid.generate_uid(), PatientBirthDate="19700101")
         path = write_instance(src, tmp_path / "in")
-        r = run_dcmtk("/usr/bin/storescu", "-aec", "PNEUMO", "-R", "127.0.0.1",
-                      str(first["port"]), str(path))
+        r = storescu(first["port"], path)
         assert r.returncode == 0, r.stderr
         ready = json.loads(proc.stdout.readline())
         assert ready["event"] == "study-ready"

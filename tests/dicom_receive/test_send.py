@@ -13,18 +13,17 @@ import pytest
 
 from dicom_io.config import Destination
 from dicom_io.send import send_files
-
-from dicom_receive_helpers import (
+from tests.conftest import need_dcmtk
+from tests.dicom_receive.dicom_receive_helpers import (
     DCMTK_ENV,
-    REPO,
     StoreSCP,
     copy_shared,
     free_port,
     make_instance,
-    need_dcmtk,
     run_dcmtk,
     write_instance,
 )
+from tests.paths import REPO
 
 pytestmark = pytest.mark.dcmtk
 
@@ -59,7 +58,8 @@ def test_send_files_and_folders_including_sr(storescp, dicom_data, tmp_path):
     # The SR as the PACS stored it reads back with DCMTK's SR dumper.
     sr_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)
     [sr_file] = [p for p in storescp.received() if p.name.startswith("SR")] or [
-        p for p in storescp.received()
+        p
+        for p in storescp.received()
         if str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) == sr_uid
     ]
     dump = run_dcmtk("/usr/bin/dsrdump", str(sr_file))
@@ -80,8 +80,9 @@ def test_retry_with_backoff_until_destination_comes_up(tmp_path):
     starter.start()
     try:
         t0 = time.monotonic()
-        result = send_files([path], Destination("PACS", "127.0.0.1", port),
-                            retries=5, backoff_seconds=0.3)
+        result = send_files(
+            [path], Destination("PACS", "127.0.0.1", port), retries=5, backoff_seconds=0.3
+        )
         elapsed = time.monotonic() - t0
     finally:
         starter.join()
@@ -94,13 +95,16 @@ def test_retry_with_backoff_until_destination_comes_up(tmp_path):
 
 def test_failure_reported_when_destination_never_comes_up(tmp_path):
     port = free_port()
-    paths = [write_instance(make_instance(pydicom.uid.generate_uid(), seed=i), tmp_path / "out")
-             for i in range(2)]
+    paths = [
+        write_instance(make_instance(pydicom.uid.generate_uid(), seed=i), tmp_path / "out")
+        for i in range(2)
+    ]
     junk = tmp_path / "out" / "notes.txt"
     junk.write_text("not DICOM")
     t0 = time.monotonic()
-    result = send_files([tmp_path / "out"], Destination("PACS", "127.0.0.1", port),
-                        retries=2, backoff_seconds=0.1)
+    result = send_files(
+        [tmp_path / "out"], Destination("PACS", "127.0.0.1", port), retries=2, backoff_seconds=0.1
+    )
     elapsed = time.monotonic() - t0
     assert not result.ok and result.sent == ()
     assert result.attempts == 3
@@ -117,8 +121,12 @@ def test_rejected_status_is_reported_per_file(make_listener, tmp_path):
     listener, _ = make_listener()
     good = write_instance(make_instance(pydicom.uid.generate_uid()), tmp_path / "out")
     bad = write_instance(make_instance("1.2.3.abc"), tmp_path / "out")
-    result = send_files([good, bad], Destination("PNEUMO", "127.0.0.1", listener.port),
-                        retries=1, backoff_seconds=0.05)
+    result = send_files(
+        [good, bad],
+        Destination("PNEUMO", "127.0.0.1", listener.port),
+        retries=1,
+        backoff_seconds=0.05,
+    )
     assert result.sent == (good,)
     assert result.failed == ((bad, "status 0xA900"),)
     assert result.attempts == 2  # only the failed one was retried
@@ -134,20 +142,41 @@ def test_pneumo_send_cli(storescp, tmp_path):
     env = {**DCMTK_ENV, "PNEUMO_DATA_DIR": str(tmp_path / "var")}
     ok = subprocess.run(
         [str(pneumo), "send", str(folder), "--to", f"PACS@127.0.0.1:{storescp.port}"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
     )
     assert ok.returncode == 0, ok.stderr
     assert "sent 2, failed 0" in ok.stdout
     assert _received_sops(storescp) == {str(d.SOPInstanceUID) for d in datasets}
 
     down = subprocess.run(
-        [str(pneumo), "send", str(folder), "--to", f"PACS@127.0.0.1:{free_port()}",
-         "--retries", "0"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=60,
+        [
+            str(pneumo),
+            "send",
+            str(folder),
+            "--to",
+            f"PACS@127.0.0.1:{free_port()}",
+            "--retries",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
     )
     assert down.returncode == 1
     assert "failed 2" in down.stdout
 
-    bad = subprocess.run([str(pneumo), "send", str(folder), "--to", "nonsense"],
-                         capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    bad = subprocess.run(
+        [str(pneumo), "send", str(folder), "--to", "nonsense"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "AE@host:port" in bad.stderr

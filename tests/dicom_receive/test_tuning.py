@@ -8,7 +8,8 @@ import time
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES
 from pynetdicom.presentation import PresentationContext
 
-from dicom_io.listener import server_contexts, storage_sop_classes
+from dicom_io.listener import storage_sop_classes
+from dicom_io.tuning import server_contexts
 
 
 def _ae() -> AE:
@@ -25,7 +26,7 @@ def test_server_contexts_deep_copy_like_the_originals():
     ours = server_contexts(ae)
     copies = copy.deepcopy(ours)
     assert len(copies) == len(originals) > 100
-    for original, mine, copied in zip(originals, ours, copies):
+    for original, mine, copied in zip(originals, ours, copies, strict=True):
         assert isinstance(copied, PresentationContext)
         assert copied == original  # pynetdicom's own equality
         assert vars(copied) == vars(original)
@@ -47,3 +48,15 @@ def test_server_contexts_copy_is_much_cheaper_than_pynetdicoms():
     copy.deepcopy(ours)
     ours_s = time.perf_counter() - t
     assert ours_s * 5 < plain_s
+
+
+def test_set_nodelay_sets_the_option_and_ignores_non_sockets():
+    import socket
+
+    from dicom_io.tuning import set_nodelay
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        set_nodelay(sock)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    set_nodelay(None)  # no socket (e.g. a closed association): nothing happens

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date
@@ -22,9 +21,12 @@ from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared" / "data"
-PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+from tests.conftest import need_dcmtk, need_shared
+from tests.conftest import port_open as _port_open
+from tests.db.postgres import throwaway_database
+from tests.paths import SHARED
+from worker import embedded_broker
+
 REDIS_URL = "redis://127.0.0.1:6379/15"
 DCMTK = Path("/usr/bin")
 
@@ -45,11 +47,7 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> No
 
 
 def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+    return _port_open("127.0.0.1", port, timeout=0.5)
 
 
 @dataclass
@@ -62,23 +60,28 @@ class Processes:
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "wb")
         process = subprocess.Popen(
-            args, env=env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+            args,
+            env=env,
+            cwd=self.root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         process.log_path = self.root / f"{name}.log"  # type: ignore[attr-defined]
         self.started.append(process)
         return process
 
-    def stop(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
-             timeout: float = 20) -> int:
+    def stop(
+        self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20
+    ) -> int:
         if process.poll() is None:
             process.send_signal(sig)
         try:
             return process.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            raise AssertionError(f"{process.args[:4]} did not stop within {timeout}s")
+            raise AssertionError(f"{process.args[:4]} did not stop within {timeout}s") from exc
 
     def close(self) -> None:
         for process in self.started:
@@ -94,6 +97,10 @@ class Processes:
                 os.killpg(process.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        # Embedded brokers (redis-server daemons) started by `pneumo listen` or
+        # `pneumo worker`: they outlive those processes; stop them by their pid.
+        for pid_file in self.root.rglob(embedded_broker.PID_NAME):
+            embedded_broker.stop(pid_file.parent)
 
 
 @pytest.fixture
@@ -105,8 +112,7 @@ def procs(tmp_path: Path) -> Iterator[Processes]:
 
 @pytest.fixture
 def shared_data() -> Path:
-    if not (SHARED / "dicom" / "cxr").is_dir():
-        pytest.skip("shared data not available")
+    need_shared(SHARED / "dicom" / "cxr")
     return SHARED
 
 
@@ -136,16 +142,14 @@ class Pacs:
 @pytest.fixture
 def pacs(procs: Processes, tmp_path: Path) -> Pacs:
     """A DCMTK storescp standing in for the PACS that receives our SR and SC objects."""
-    if not (DCMTK / "storescp").exists():
-        pytest.skip("DCMTK not installed")
+    need_dcmtk("storescp")
     out_dir = tmp_path / "pacs"
     out_dir.mkdir()
     port = free_port()
     env = dict(os.environ, TCP_NODELAY="1")
     procs.start(
         "storescp",
-        [str(DCMTK / "storescp"), "--fork", "-aet", "PACS", "-od", str(out_dir), "+xa",
-         str(port)],
+        [str(DCMTK / "storescp"), "--fork", "-aet", "PACS", "-od", str(out_dir), "+xa", str(port)],
         env,
     )
     wait_until(lambda: port_open(port), 10, "storescp to listen")
@@ -153,40 +157,21 @@ def pacs(procs: Processes, tmp_path: Path) -> Pacs:
 
 
 @pytest.fixture
-def redis_url() -> Iterator[str]:
-    try:
-        import redis
+def redis_url(redis_server: str) -> Iterator[str]:
+    """Redis database 15 of the shared server, flushed before and after."""
+    import redis
 
-        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-        client.ping()
-    except Exception:
-        pytest.skip("Redis not reachable at 127.0.0.1:6379")
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
     client.flushdb()
     yield REDIS_URL
     client.flushdb()
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
-    from sqlalchemy import create_engine, text
-
-    name = f"pneumo_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
-                              connect_args={"connect_timeout": 2})
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception:
-        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        from db.engine import get_engine
-
-        get_engine.cache_clear()  # FORCE below ends any connection still open
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+def pg_url(postgres_url: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database, dropped afterwards."""
+    with throwaway_database(postgres_url) as url:
+        yield url
 
 
 def pneumo_env(data_dir: Path, port: int, pacs: Pacs, **extra: str) -> dict[str, str]:
@@ -217,24 +202,40 @@ def storescu(port: int, files: list[Path]) -> subprocess.CompletedProcess[str]:
     3.6.7 tries to convert the J2K file to Explicit VR and fails.
     """
     return subprocess.run(
-        [str(DCMTK / "storescu"), "-R", "-xw", "-aet", "MODALITY", "-aec", "PNEUMO", "127.0.0.1",
-         str(port), *map(str, files)],
-        capture_output=True, text=True, timeout=120, env=dict(os.environ, TCP_NODELAY="1"),
+        [
+            str(DCMTK / "storescu"),
+            "-R",
+            "-xw",
+            "-aet",
+            "MODALITY",
+            "-aec",
+            "PNEUMO",
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, TCP_NODELAY="1"),
     )
 
 
 def dsrdump(path: Path) -> str:
     return subprocess.run(
-        [str(DCMTK / "dsrdump"), str(path)], capture_output=True, text=True, timeout=30,
+        [str(DCMTK / "dsrdump"), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
         env=dict(os.environ, TCP_NODELAY="1"),
     ).stdout
 
 
 def logs(root: Path) -> str:
     """All process logs of a test, for assertion messages."""
-    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                     for p in sorted(root.glob("*.log")))
-
+    return "\n".join(
+        f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(root.glob("*.log"))
+    )
 
 
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -284,7 +285,13 @@ def kermany_to_dicom(jpeg: Path, out: Path, study_uid: str, accession: str) -> P
 def e2e() -> SimpleNamespace:
     """The helper functions above, for test modules (conftest is not importable)."""
     return SimpleNamespace(
-        free_port=free_port, wait_until=wait_until, port_open=port_open, pneumo=pneumo,
-        pneumo_env=pneumo_env, storescu=storescu, dsrdump=dsrdump, logs=logs,
+        free_port=free_port,
+        wait_until=wait_until,
+        port_open=port_open,
+        pneumo=pneumo,
+        pneumo_env=pneumo_env,
+        storescu=storescu,
+        dsrdump=dsrdump,
+        logs=logs,
         kermany_to_dicom=kermany_to_dicom,
     )

@@ -13,7 +13,9 @@ from pydicom.uid import generate_uid
 pytestmark = [pytest.mark.slow, pytest.mark.dcmtk]
 
 
-def test_late_instance_makes_revision_two(e2e, procs, pacs, predictor, shared_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_late_instance_makes_revision_two(
+    e2e, procs, pacs, predictor, shared_data, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     from db import repository as repo
     from db.engine import session_scope
     from pneumo.settings import Settings

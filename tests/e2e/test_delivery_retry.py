@@ -15,7 +15,9 @@ from sqlalchemy import select
 pytestmark = [pytest.mark.slow, pytest.mark.dcmtk]
 
 
-def test_send_retried_without_reinference(e2e, procs, predictor, shared_data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_send_retried_without_reinference(
+    e2e, procs, predictor, shared_data, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     from db.engine import session_scope
     from db.models import Delivery, DeliveryStatus, Job, JobKind
     from pneumo.settings import Settings
@@ -29,8 +31,9 @@ def test_send_retried_without_reinference(e2e, procs, predictor, shared_data, tm
     class Down:  # the destination, before the PACS is started
         destination = f"PACS@127.0.0.1:{pacs_port}"
 
-    env = e2e.pneumo_env(data_dir, port, Down, PNEUMO_SEND_BACKOFF_SECONDS="1",
-                         PNEUMO_SEND_RETRIES="6")
+    env = e2e.pneumo_env(
+        data_dir, port, Down, PNEUMO_SEND_BACKOFF_SECONDS="1", PNEUMO_SEND_RETRIES="6"
+    )
     url = Settings(data_dir=data_dir).effective_database_url
     subprocess.run(e2e.pneumo("db", "upgrade"), env=env, check=True, timeout=120)
     procs.start("listen", e2e.pneumo("listen"), env)
@@ -46,13 +49,22 @@ def test_send_retried_without_reinference(e2e, procs, predictor, shared_data, tm
         with session_scope(url) as session:
             return session.execute(select(Delivery)).scalar_one_or_none()
 
-    e2e.wait_until(lambda: (d := delivery()) is not None and d.status is DeliveryStatus.FAILED,
-                   120, "a failed first delivery\n" + e2e.logs(tmp_path))
+    e2e.wait_until(
+        lambda: (d := delivery()) is not None and d.status is DeliveryStatus.FAILED,
+        120,
+        "a failed first delivery\n" + e2e.logs(tmp_path),
+    )
 
-    procs.start("storescp", ["/usr/bin/storescp", "-aet", "PACS", "-od", str(pacs_dir), "+xa",
-                             str(pacs_port)], dict(os.environ, TCP_NODELAY="1"))
-    e2e.wait_until(lambda: delivery().status is DeliveryStatus.SENT, 90,
-                   "the retried delivery\n" + e2e.logs(tmp_path))
+    procs.start(
+        "storescp",
+        ["/usr/bin/storescp", "-aet", "PACS", "-od", str(pacs_dir), "+xa", str(pacs_port)],
+        dict(os.environ, TCP_NODELAY="1"),
+    )
+    e2e.wait_until(
+        lambda: delivery().status is DeliveryStatus.SENT,
+        90,
+        "the retried delivery\n" + e2e.logs(tmp_path),
+    )
 
     assert any(p.name.startswith("SR") for p in pacs_dir.iterdir())
     with session_scope(url) as session:

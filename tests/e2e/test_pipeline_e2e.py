@@ -12,7 +12,7 @@ Checked: exactly one result row per study whose probability equals what the
 model gives for the same files directly; the SR arrived at the PACS stand-in
 and dsrdump shows that probability; skipped instances carry reasons; adults
 are flagged outside the intended use; CLI listings agree. Run once on the
-embedded default (SQLite + server-less broker) and once on Redis + PostgreSQL.
+embedded default (SQLite + the private redis-server broker) and once on Redis + PostgreSQL.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ def with_study(source: Path, out: Path, study_uid: str) -> Path:
 
 
 def build_inputs(
-    e2e, shared: Path, work: Path  # type: ignore[no-untyped-def]
+    e2e,
+    shared: Path,
+    work: Path,  # type: ignore[no-untyped-def]
 ) -> tuple[list[Path], dict[str, bool | None]]:
     """Files to send, and for each study whether it is an adult (outside intended use)."""
     work.mkdir()
@@ -58,7 +60,9 @@ def build_inputs(
     pneumonia = sorted((kermany / "PNEUMONIA").glob("*.jpeg"))[0]
     study_n, study_p = generate_uid(), generate_uid()
     files.append(e2e.kermany_to_dicom(normal, work / "kermany_normal.dcm", study_n, "ACC0001"))
-    files.append(e2e.kermany_to_dicom(pneumonia, work / "kermany_pneumonia.dcm", study_p, "ACC0002"))
+    files.append(
+        e2e.kermany_to_dicom(pneumonia, work / "kermany_pneumonia.dcm", study_p, "ACC0002")
+    )
     files.append(with_study(ct, work / "ct_in_child_study.dcm", study_p))
     files.append(ct)  # a study of its own with nothing the model can read
     # RG1 (born 1940, imaged 2004) and the NIH studies are adults; the Kermany
@@ -94,17 +98,21 @@ def expected_probabilities(files: list[Path], predictor) -> dict[str, float | No
 
 
 def run_e2e(e2e, procs, pacs, predictor, shared, tmp_path: Path, extra_env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import select
+
     from db import repository as repo
     from db.engine import session_scope
     from db.models import Instance, SelectionStatus, Study, StudyStatus
     from pneumo.settings import Settings
-    from sqlalchemy import select
 
     port = e2e.free_port()
     data_dir = tmp_path / "data"
     env = e2e.pneumo_env(data_dir, port, pacs, **extra_env)
-    settings = Settings(data_dir=data_dir, database_url=extra_env.get("PNEUMO_DATABASE_URL"),
-                        broker_url=extra_env.get("PNEUMO_BROKER_URL"))
+    settings = Settings(
+        data_dir=data_dir,
+        database_url=extra_env.get("PNEUMO_DATABASE_URL"),
+        broker_url=extra_env.get("PNEUMO_BROKER_URL"),
+    )
     url = settings.effective_database_url
 
     subprocess.run(e2e.pneumo("db", "upgrade"), env=env, check=True, timeout=120)
@@ -159,25 +167,44 @@ def run_e2e(e2e, procs, pacs, predictor, shared, tmp_path: Path, extra_env: dict
             assert row.deliveries == ((pacs.destination, "sent"),)
             shown = [float(v) for v in PROBABILITY.findall(e2e.dsrdump(at_pacs[uid]))]
             assert any(abs(v - probability) < 1e-5 for v in shown), (uid, shown, probability)
-        skipped = session.execute(
-            select(Instance).where(Instance.selection == SelectionStatus.SKIPPED)
-        ).scalars().all()
+        skipped = (
+            session.execute(select(Instance).where(Instance.selection == SelectionStatus.SKIPPED))
+            .scalars()
+            .all()
+        )
         # The two CTs (one in the child's study, one alone) are skipped with a reason.
         assert sum(1 for i in skipped if i.skip_reason == "modality:CT") == 2
         assert all(i.skip_reason for i in skipped)
-        pending = session.execute(
-            select(Instance).where(Instance.selection == SelectionStatus.PENDING)
-        ).scalars().all()
+        pending = (
+            session.execute(select(Instance).where(Instance.selection == SelectionStatus.PENDING))
+            .scalars()
+            .all()
+        )
         assert pending == []
 
-    listing = subprocess.run(e2e.pneumo("results", "--format", "json"), env=env,
-                             capture_output=True, text=True, timeout=60, check=True)
+    listing = subprocess.run(
+        e2e.pneumo("results", "--format", "json"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     listed = {r["study_uid"]: r for r in json.loads(listing.stdout)}
     assert set(listed) == set(expected)
-    assert all(("outside-intended-use" in listed[u]["flags"]) == adult[u]
-               for u in expected if adult[u] is not None)
-    status = subprocess.run(e2e.pneumo("status", "--format", "json"), env=env,
-                            capture_output=True, text=True, timeout=60, check=True)
+    assert all(
+        ("outside-intended-use" in listed[u]["flags"]) == adult[u]
+        for u in expected
+        if adult[u] is not None
+    )
+    status = subprocess.run(
+        e2e.pneumo("status", "--format", "json"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert json.loads(status.stdout)["studies"] == {"done": len(expected)}
 
     assert procs.stop(listener) == 0
@@ -190,7 +217,22 @@ def test_embedded_default(e2e, procs, pacs, predictor, shared_data, tmp_path: Pa
 
 @pytest.mark.redis
 @pytest.mark.postgres
-def test_redis_and_postgresql(e2e, procs, pacs, predictor, shared_data, redis_url, pg_url,  # type: ignore[no-untyped-def]
-                              tmp_path: Path) -> None:
-    run_e2e(e2e, procs, pacs, predictor, shared_data, tmp_path,
-            {"PNEUMO_BROKER_URL": redis_url, "PNEUMO_DATABASE_URL": pg_url})
+def test_redis_and_postgresql(
+    e2e,
+    procs,
+    pacs,
+    predictor,
+    shared_data,
+    redis_url,
+    pg_url,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    run_e2e(
+        e2e,
+        procs,
+        pacs,
+        predictor,
+        shared_data,
+        tmp_path,
+        {"PNEUMO_BROKER_URL": redis_url, "PNEUMO_DATABASE_URL": pg_url},
+    )

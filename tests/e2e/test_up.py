@@ -2,7 +2,8 @@
 
 Started as a subprocess (ephemeral port, temporary data dir, no servers), it
 receives a study over DICOM, produces the result, delivers the SR; SIGINT then
-makes it exit 0 within seconds, leaving no worker processes behind.
+makes it exit 0 within seconds, leaving no worker processes and no embedded
+redis-server behind.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 from pydicom.uid import generate_uid
+
+from worker import embedded_broker
 
 pytestmark = [pytest.mark.slow, pytest.mark.dcmtk]
 
@@ -55,3 +58,4 @@ def test_up_end_to_end_and_ctrl_c(e2e, procs, pacs, predictor, shared_data, tmp_
     assert code == 0, e2e.logs(tmp_path)
     _, alive = psutil.wait_procs(family, timeout=5)
     assert alive == [], f"orphans left: {[p.pid for p in alive]}"
+    assert embedded_broker.running_pid(data_dir) is None, "the embedded redis-server was left"

@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared" / "data"
-KERMANY_TEST = SHARED / "kermany" / "test"
-MNIST_NPZ = SHARED / "pneumoniamnist" / "pneumoniamnist.npz"
-CXR_DICOM = SHARED / "dicom" / "cxr"
-OTHER_DICOM = SHARED / "dicom" / "other"
+from tests.conftest import need_shared
+from tests.paths import DICOM_DATA, KERMANY, PNEUMONIAMNIST
 
-
-def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"shared data not present: {path.name}")
-    return path
+KERMANY_TEST = KERMANY / "test"
+MNIST_NPZ = PNEUMONIAMNIST / "pneumoniamnist.npz"
+CXR_DICOM = DICOM_DATA / "cxr"
+OTHER_DICOM = DICOM_DATA / "other"
 
 
 @dataclass(frozen=True)
@@ -68,9 +63,10 @@ class BrightnessPredictor:
 
 
 def kermany_files(n_per_class: int) -> dict[str, list[Path]]:
-    root = need(KERMANY_TEST)
-    return {cls: sorted((root / cls).glob("*.jpeg"))[:n_per_class]
-            for cls in ("NORMAL", "PNEUMONIA")}
+    root = need_shared(KERMANY_TEST)
+    return {
+        cls: sorted((root / cls).glob("*.jpeg"))[:n_per_class] for cls in ("NORMAL", "PNEUMONIA")
+    }
 
 
 @pytest.fixture
@@ -80,22 +76,22 @@ def predictor_cls() -> type[BrightnessPredictor]:
 
 @pytest.fixture
 def mnist_npz() -> Path:
-    return need(MNIST_NPZ)
+    return need_shared(MNIST_NPZ)
 
 
 @pytest.fixture
 def cxr_dicom() -> Path:
-    return need(CXR_DICOM)
+    return need_shared(CXR_DICOM)
 
 
 @pytest.fixture
 def other_dicom() -> Path:
-    return need(OTHER_DICOM)
+    return need_shared(OTHER_DICOM)
 
 
 @pytest.fixture
 def kermany_test() -> Path:
-    return need(KERMANY_TEST)
+    return need_shared(KERMANY_TEST)
 
 
 @pytest.fixture

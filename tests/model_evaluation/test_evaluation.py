@@ -1,4 +1,4 @@
-"""model.datasets + model.evaluation + model.plots on real files, with a checkable predictor."""
+"""model.evaluation_sets + model.evaluation + model.plots on real files, with a checkable predictor."""
 
 from __future__ import annotations
 
@@ -11,14 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.datasets import (
-    DatasetError,
-    ItemKind,
-    folder_dataset,
-    npz_dataset,
-    open_dataset,
-    stratified_subset,
-)
 from model.evaluation import (
     NotProcessed,
     evaluate,
@@ -26,10 +18,18 @@ from model.evaluation import (
     read_predictions_csv,
     write_outputs,
 )
+from model.evaluation_sets import (
+    DatasetError,
+    ItemKind,
+    folder_dataset,
+    npz_dataset,
+    open_dataset,
+    stratified_subset,
+)
 from model.images import load_image_file
+from model.inference import NOT_CHEST_CODE
 from model.metrics import METRIC_NAMES, compute_metrics
 from model.plots import PLOT_FILES
-
 
 
 def test_folder_dataset_lists_and_labels_files(small_tree: Path) -> None:
@@ -42,8 +42,9 @@ def test_folder_dataset_lists_and_labels_files(small_tree: Path) -> None:
     np.testing.assert_array_equal(ds.load(first), load_image_file(first.path))
 
 
-def test_evaluate_excludes_and_reports_not_processed(small_tree: Path, tmp_path: Path,
-                                                     predictor_cls: type) -> None:
+def test_evaluate_excludes_and_reports_not_processed(
+    small_tree: Path, tmp_path: Path, predictor_cls: type
+) -> None:
     predictor = predictor_cls()
     ds = folder_dataset(small_tree)
     result = evaluate(predictor, ds, n_bootstrap=200, batch_size=5)
@@ -55,7 +56,11 @@ def test_evaluate_excludes_and_reports_not_processed(small_tree: Path, tmp_path:
     assert by_ref["PNEUMONIA/banner.png"].not_processed is NotProcessed.NOT_CHEST
     assert result.n == 12
     assert result.not_processed_counts() == {
-        "unreadable": 1, "rejected by the model's input checks": 1, "not a chest radiograph": 1}
+        "unreadable": 1,
+        "rejected by the model's input checks": 1,
+        "not-chest-xray": 1,  # the worker's code (model.inference.NOT_CHEST_CODE)
+    }
+    assert NotProcessed.NOT_CHEST.value == NOT_CHEST_CODE == "not-chest-xray"
 
     # The metrics are exactly compute_metrics over the scored images, recomputed here
     # from the images themselves with the predictor's rule.
@@ -106,8 +111,9 @@ def test_nothing_scorable_gives_no_metrics(tmp_path: Path, predictor_cls: type) 
     assert "no metrics" in format_table(result)
 
 
-def test_dicom_files_go_through_the_injected_reader(tmp_path: Path, cxr_dicom: Path,
-                                                    predictor_cls: type) -> None:
+def test_dicom_files_go_through_the_injected_reader(
+    tmp_path: Path, cxr_dicom: Path, predictor_cls: type
+) -> None:
     from dicom_io.pixels import read_pixels_file
 
     source = cxr_dicom / "udacity_aihcnd_test1.dcm"

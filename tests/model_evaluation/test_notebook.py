@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+
+from tests.conftest import need_shared
+from tests.paths import KERMANY, REPO
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "notebooks" / "model_report.ipynb"
-SHARED = REPO.parent / "shared" / "data"
 
 
 def test_notebook_is_committed_without_outputs() -> None:
@@ -43,18 +42,21 @@ def test_notebook_executes_on_a_subset(monkeypatch: pytest.MonkeyPatch) -> None:
         default_weights_path()
     except WeightsError:
         pytest.skip("no shipped weights yet")
-    if not (SHARED / "kermany" / "test").is_dir():
-        pytest.skip("shared data not present")
+    need_shared(KERMANY / "test")
     monkeypatch.setenv("PNEUMO_NOTEBOOK_SUBSET", "24")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
-        nb, timeout=300, kernel_name="python3",
-        resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+        nb,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    )
     client.execute()  # raises CellExecutionError on the first failing cell
 
     text = _texts(nb)
-    images = sum("image/png" in out.get("data", {})
-                 for cell in nb.cells for out in cell.get("outputs", []))
+    images = sum(
+        "image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", [])
+    )
     assert "subset 24" in text
     assert "kermany/test: 24 images" in text
     assert "roc_auc" in text and "95% CI" in text

@@ -11,8 +11,6 @@ import pytest
 
 from model.metrics import METRIC_NAMES, compute_metrics
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def shipped() -> Path:
@@ -33,14 +31,26 @@ def _pneumo(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
     return code, captured.out, captured.err
 
 
-def test_evaluate_json_and_out_dir(shipped: Path, small_tree: Path, tmp_path: Path,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_json_and_out_dir(
+    shipped: Path, small_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from model.inference import load_predictor
 
     out = tmp_path / "report"
-    code, stdout, stderr = _pneumo(capsys, "evaluate", "--data", str(small_tree), "--model",
-                                   str(shipped), "--format", "json", "--out", str(out),
-                                   "--bootstrap", "200")
+    code, stdout, stderr = _pneumo(
+        capsys,
+        "evaluate",
+        "--data",
+        str(small_tree),
+        "--model",
+        str(shipped),
+        "--format",
+        "json",
+        "--out",
+        str(out),
+        "--bootstrap",
+        "200",
+    )
     assert code == 0, stderr
     payload = json.loads(stdout)  # stdout is exactly one JSON object
     for name in METRIC_NAMES:
@@ -77,19 +87,35 @@ def test_evaluate_json_and_out_dir(shipped: Path, small_tree: Path, tmp_path: Pa
     assert {p.name for p in out.glob("*.png")} >= {"confusion_matrix.png", "reliability.png"}
 
 
-def test_evaluate_npz_table(shipped: Path, mnist_npz: Path,
-                            capsys: pytest.CaptureFixture[str]) -> None:
-    code, stdout, stderr = _pneumo(capsys, "evaluate", "--data", str(mnist_npz), "--split",
-                                   "val", "--limit", "40", "--bootstrap", "50",
-                                   "--model", str(shipped))
+def test_evaluate_npz_table(
+    shipped: Path, mnist_npz: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, stdout, stderr = _pneumo(
+        capsys,
+        "evaluate",
+        "--data",
+        str(mnist_npz),
+        "--split",
+        "val",
+        "--limit",
+        "40",
+        "--bootstrap",
+        "50",
+        "--model",
+        str(shipped),
+    )
     assert code in (0, 1), stderr
     assert "pneumoniamnist:val" in stdout
     assert "of 40" in stdout
 
 
-def test_evaluate_reports_unreadable_dicom(shipped: Path, other_dicom: Path, cxr_dicom: Path,
-                                           tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_reports_unreadable_dicom(
+    shipped: Path,
+    other_dicom: Path,
+    cxr_dicom: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """A folder of DICOMs: broken ones are listed as unreadable, nothing crashes."""
     import shutil
 
@@ -100,9 +126,20 @@ def test_evaluate_reports_unreadable_dicom(shipped: Path, other_dicom: Path, cxr
     shutil.copy(other_dicom / "MR_truncated.dcm", root / "PNEUMONIA" / "truncated.dcm")
     shutil.copy(other_dicom / "CT_small.dcm", root / "PNEUMONIA" / "ct.dcm")
     out = tmp_path / "out"
-    code, stdout, stderr = _pneumo(capsys, "evaluate", "--data", str(root), "--model",
-                                   str(shipped), "--out", str(out), "--format", "json",
-                                   "--bootstrap", "0")
+    code, stdout, stderr = _pneumo(
+        capsys,
+        "evaluate",
+        "--data",
+        str(root),
+        "--model",
+        str(shipped),
+        "--out",
+        str(out),
+        "--format",
+        "json",
+        "--bootstrap",
+        "0",
+    )
     assert code in (0, 1), stderr
     assert json.loads(stdout)["n_total"] == 3
     with (out / "predictions.csv").open() as fh:
@@ -116,8 +153,8 @@ def test_evaluate_reports_unreadable_dicom(shipped: Path, other_dicom: Path, cxr
 @pytest.mark.slow
 def test_shipped_weights_reproduce_the_model_card(shipped: Path, kermany_test: Path) -> None:
     """The card's kermany/test figures are what the shipped file gives today (AUC within 0.002)."""
-    from model.datasets import folder_dataset
     from model.evaluation import evaluate
+    from model.evaluation_sets import folder_dataset
     from model.inference import load_predictor
 
     card_path = shipped.with_suffix(".json")

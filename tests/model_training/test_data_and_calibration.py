@@ -10,8 +10,8 @@ from model.calibration import (
     fit_temperature,
     threshold_for_sensitivity,
 )
-from model.data import list_samples, patient_of, patient_split
 from model.metrics import expected_calibration_error
+from model.training_data import list_samples, patient_of, patient_split
 
 
 @pytest.mark.parametrize(
@@ -29,7 +29,7 @@ def test_patient_of(name: str, patient: str) -> None:
 
 
 def test_split_is_by_patient_stratified_and_reproducible(kermany) -> None:
-    samples = list_samples(kermany / "train")
+    samples = list_samples(kermany)
     train, val = patient_split(samples, 0.15, seed=0)
     assert len(train) + len(val) == len(samples)
     assert not {s.patient for s in train} & {s.patient for s in val}

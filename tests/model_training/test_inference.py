@@ -9,6 +9,8 @@ import pytest
 
 from model.images import load_image_file
 from model.inference import Prediction, default_weights_path, load_predictor
+from tests.conftest import need_shared
+from tests.paths import KERMANY
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +20,10 @@ def predictor():
 
 @pytest.fixture(scope="module")
 def chest_images(kermany):
-    files = sorted((kermany / "test" / "NORMAL").glob("*.jpeg"))[:3]
-    files += sorted((kermany / "test" / "PNEUMONIA").glob("*.jpeg"))[:3]
-    files += sorted((kermany / "train" / "PNEUMONIA").glob("*.jpeg"))[:40:10]  # larger originals
+    test = need_shared(KERMANY / "test")
+    files = sorted((test / "NORMAL").glob("*.jpeg"))[:3]
+    files += sorted((test / "PNEUMONIA").glob("*.jpeg"))[:3]
+    files += sorted((kermany / "PNEUMONIA").glob("*.jpeg"))[:40:10]  # larger originals
     return [load_image_file(f) for f in files]
 
 
@@ -38,7 +41,7 @@ def test_predict_is_deterministic_and_batch_size_invariant(predictor, chest_imag
     again = predictor.predict(chest_images)
     single = [predictor.predict([im])[0] for im in chest_images]
     assert [p.probability for p in batched] == [p.probability for p in again]
-    for a, b in zip(batched, single):
+    for a, b in zip(batched, single, strict=True):
         assert isinstance(a, Prediction)
         assert abs(a.probability - b.probability) < 1e-4
         assert abs(a.ood_score - b.ood_score) < 1e-3 * max(1.0, a.ood_score)
@@ -52,7 +55,7 @@ def test_heatmaps_have_each_inputs_shape(predictor, chest_images) -> None:
     images = chest_images[:2] + [rng.random((97, 211), dtype=np.float32)]
     maps = predictor.heatmaps(images)
     assert len(maps) == len(images)
-    for im, hm in zip(images, maps):
+    for im, hm in zip(images, maps, strict=True):
         assert hm.shape == im.shape and hm.dtype == np.float32
         assert np.isfinite(hm).all() and hm.min() >= 0.0 and hm.max() <= 1.0
     assert any(hm.max() == 1.0 for hm in maps)  # normalised, not all-empty
@@ -70,7 +73,7 @@ def test_shipped_model_reproduces_the_model_card_test_auc(predictor, kermany) ->
 
     labels, probs = [], []
     for label, cls in enumerate(("NORMAL", "PNEUMONIA")):
-        files = sorted((kermany / "test" / cls).glob("*.jpeg"))
+        files = sorted((need_shared(KERMANY / "test") / cls).glob("*.jpeg"))
         for i in range(0, len(files), 64):
             for p in predictor.predict([load_image_file(f) for f in files[i : i + 64]]):
                 if p.is_chest:  # the card's metrics leave out not-processed images

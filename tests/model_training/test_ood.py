@@ -7,15 +7,13 @@ fitted on Kermany train/validation radiographs only), so this is a real test.
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from model.images import load_image_file
 from model.inference import load_predictor
-
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from tests.paths import SHARED
 
 # Same pixels as a real NIH chest radiograph (only the header was altered upstream).
 CHEST_PIXELS = {"udacity_aihcnd_test4.dcm", "udacity_aihcnd_test5.dcm", "udacity_aihcnd_test6.dcm"}
@@ -29,6 +27,7 @@ def _luminance_of_any_dicom(path) -> np.ndarray | None:
     that the guard would stop them too if they were ever passed through.
     """
     import pydicom
+
     from dicom_io.pixels import PixelReadError, read_pixels_file
 
     try:
@@ -91,7 +90,7 @@ def other_images(shared):
 @pytest.fixture(scope="module")
 def other_predictions(other_images):
     pred = load_predictor()
-    return dict(zip(other_images, pred.predict(list(other_images.values()))))
+    return dict(zip(other_images, pred.predict(list(other_images.values())), strict=True))
 
 
 def test_enough_non_chest_material_is_decodable(other_images) -> None:
@@ -103,7 +102,8 @@ def test_enough_non_chest_material_is_decodable(other_images) -> None:
     "name",
     [
         pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_MISSES[n], strict=False))
-        if n in KNOWN_MISSES else n
+        if n in KNOWN_MISSES
+        else n
         for n in _other_names()
         if n not in CHEST_PIXELS | {CAT}
     ],
@@ -130,6 +130,8 @@ def test_guard_passes_real_chest_radiographs(shared, other_images, capsys) -> No
     if CAT in other_images:  # reported, not asserted: a feline thorax is a radiograph too
         cat = pred.predict([other_images[CAT]])[0]
         with capsys.disabled():
-            print(f"\n[ood] cat DX chest: ood_score={cat.ood_score:.2f} "
-                  f"(threshold {pred.info.ood_threshold:.2f}) is_chest={cat.is_chest} "
-                  f"p={cat.probability:.3f}")
+            print(
+                f"\n[ood] cat DX chest: ood_score={cat.ood_score:.2f} "
+                f"(threshold {pred.info.ood_threshold:.2f}) is_chest={cat.is_chest} "
+                f"p={cat.probability:.3f}"
+            )

@@ -92,7 +92,7 @@ def test_dicom_and_its_jpeg_give_the_same_tensor(kermany, tmp_path, variant) -> 
     pixels_mod = pytest.importorskip(
         "dicom_io.pixels", reason="dicom_io.pixels (the DICOM pixel reader) not available"
     )
-    jpeg = sorted((kermany / "train" / "PNEUMONIA").glob("*.jpeg"))[0]
+    jpeg = sorted((kermany / "PNEUMONIA").glob("*.jpeg"))[0]
     with Image.open(jpeg) as im:
         gray = np.asarray(im.convert("L"))
     if variant == "8bit":

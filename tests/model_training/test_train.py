@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from model.card import build_card, experiment_row, render_markdown
 from model.inference import Predictor
 from model.train import TrainConfig, run_training
 
 
 def _config(kermany, tmp_path, epochs: int) -> TrainConfig:
     return TrainConfig(
-        data=kermany / "train", work_dir=tmp_path / "work", out_dir=tmp_path / "out",
-        name="tiny", version="0.0.0-test", epochs=epochs, batch_size=8, limit=16,
-        width=8, blocks="1,1,1,1", input_size=64, val_fraction=0.3, progress=False,
+        data=kermany,
+        work_dir=tmp_path / "work",
+        out_dir=tmp_path / "out",
+        name="tiny",
+        version="0.0.0-test",
+        epochs=epochs,
+        batch_size=8,
+        limit=16,
+        width=8,
+        blocks="1,1,1,1",
+        input_size=64,
+        val_fraction=0.3,
+        progress=False,
         threads=1,
     )
 
@@ -39,3 +51,80 @@ def test_tiny_run_exports_a_loadable_model_and_resumes(kermany, tmp_path) -> Non
     assert last["history"][0] == first_epoch
     payload = torch.load(path, weights_only=False)
     assert payload["training"]["epochs_run"] == 2
+
+
+def _tiny_recipe(recipe: str, kermany, tmp_path, **overrides: object) -> TrainConfig:
+    """A named recipe shrunk to seconds: one epoch of a few 64 px images per class."""
+    tiny: dict[str, object] = dict(
+        data=kermany,
+        work_dir=tmp_path / "work",
+        out_dir=tmp_path / "out",
+        epochs=1,
+        batch_size=8,
+        input_size=64,
+        val_fraction=0.3,
+        progress=False,
+        threads=1,
+    )
+    return TrainConfig.for_recipe(recipe, **{**tiny, **overrides})
+
+
+def test_quick_recipe_on_a_tiny_subset_trains_and_its_checkpoint_loads(kermany, tmp_path) -> None:
+    """The recipe sites retrain with, shrunk to seconds: perturbed validation is scored."""
+    config = _tiny_recipe("quick", kermany, tmp_path, limit=12)
+    assert config.shift_prob > 0 and config.arch == "pneumonet" and config.max_minutes <= 60
+    path = run_training(config)
+    last = torch.load(tmp_path / "work" / "last.pt", weights_only=False)
+    assert 0.0 <= last["history"][0]["val_auc_perturbed"] <= 1.0
+    payload = torch.load(path, weights_only=False)
+    assert payload["net_config"]["blocks"] == [2, 2, 2, 2]
+    assert set(payload["training"]["validation_perturbed"]) >= {"roc_auc", "sensitivity"}
+    pred = Predictor(path)
+    assert pred.info.version == config.version
+    out = pred.predict([np.random.default_rng(0).random((70, 50), dtype=np.float32)])
+    assert 0.0 <= out[0].probability <= 1.0
+
+    # the card's experiment table and test log come from what the weights file recorded
+    row = experiment_row("quick-tiny", path, saw_test=True)
+    assert row["perturbed_val_auc"] == payload["training"]["validation_perturbed"]["roc_auc"]
+    card = build_card(path, {}, experiments=[row, {**row, "candidate": "other", "saw_test": False}])
+    assert card["test_log"] == ["quick-tiny"]
+    text = render_markdown(card)
+    assert "perturbed val AUC" in text and "Candidates scored on kermany/test: quick-tiny." in text
+    assert "perturbed-validation sensitivity" in card["calibration"]["threshold_rule"]
+
+
+def test_torchvision_resnet_without_mirror_tta_exports_and_serves(kermany, tmp_path) -> None:
+    """The full recipe's trunk (torchvision ResNet-18, 1-channel stem, no download) end to end."""
+    config = _tiny_recipe("full", kermany, tmp_path, limit=8, tta="none")
+    path = run_training(config)
+    payload = torch.load(path, weights_only=False)
+    assert payload["net_config"]["arch"] == "resnet18" and payload["tta"] == "none"
+    assert payload["state_dict"]["stem.0.weight"].shape[1] == 1
+    assert payload["state_dict"]["stem.0.weight"].dtype == torch.float16  # the recipe's 22 MB
+    pred = Predictor(path)
+    images = [np.random.default_rng(i).random((64, 80), dtype=np.float32) for i in range(3)]
+    probs = [p.probability for p in pred.predict(images)]
+    assert probs == pytest.approx([pred.predict([im])[0].probability for im in images], abs=1e-4)
+    assert pred.heatmaps(images[:1])[0].shape == (64, 80)
+
+
+def test_unknown_recipe_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="recipe"):
+        TrainConfig.for_recipe("overnight")
+
+
+def test_resume_key_follows_the_recipe_not_the_run_settings(tmp_path) -> None:
+    """A rerun may change threads, TTA, stored dtype or epochs and still resume its checkpoint."""
+    from model.train import _config_key
+
+    base = TrainConfig.for_recipe("full", work_dir=tmp_path)
+    same = TrainConfig.for_recipe(
+        "full", work_dir=tmp_path, threads=2, tta="none", weights_dtype="float32", epochs=30
+    )
+    assert _config_key(same) == _config_key(base)
+    assert _config_key(TrainConfig.for_recipe("full", work_dir=tmp_path, shift_prob=0.3)) != (
+        _config_key(base)
+    )
+    # fields at their defaults stay out of the key: adding a field never orphans a run
+    assert _config_key(TrainConfig()) == _config_key(TrainConfig(mixup=0.0, tta="none"))

@@ -7,14 +7,11 @@ variable it sets must be a real setting.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import yaml
 
 from pneumo.cli import build_parser
 from pneumo.settings import Settings
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.paths import REPO
 
 
 def _compose() -> dict:
@@ -56,3 +53,9 @@ def test_dockerfile_copies_every_package() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     for package in ("pneumo", "dicom_io", "model", "db", "worker"):
         assert f"COPY {package} ./{package}" in dockerfile
+
+
+def test_compose_listener_is_reachable_only_with_an_allow_list() -> None:
+    listener = _compose()["services"]["listener"]["environment"]
+    assert listener["PNEUMO_HOST"] == "0.0.0.0"
+    assert listener["PNEUMO_ALLOWED_AETS"].startswith("${PNEUMO_ALLOWED_AETS:?")

@@ -26,7 +26,8 @@ def test_defaults_are_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert settings.ae_title == "PNEUMO" and settings.port == 11112
     assert settings.embedded
     assert settings.effective_database_url == f"sqlite:///{tmp_path.resolve() / 'pneumo.db'}"
-    assert settings.effective_broker_url.startswith("sqla+sqlite:///")
+    assert settings.effective_broker_url == f"redis+socket://{tmp_path.resolve() / 'redis.sock'}"
+    assert settings.uses_embedded_broker
     assert settings.spool_dir == tmp_path / "spool"
 
 
@@ -75,6 +76,14 @@ def test_toml_file_below_environment(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_tls_config_only_when_cert_and_key(tmp_path: Path) -> None:
     assert Settings(tls_cert=tmp_path / "c.pem").tls_config() is None
-    tls = Settings(tls_cert=tmp_path / "c.pem", tls_key=tmp_path / "k.pem",
-                   tls_require_client_cert=True).tls_config()
+    tls = Settings(
+        tls_cert=tmp_path / "c.pem", tls_key=tmp_path / "k.pem", tls_require_client_cert=True
+    ).tls_config()
     assert tls is not None and tls.require_client_cert and tls.key_file == tmp_path / "k.pem"
+
+
+def test_default_listener_binds_loopback_and_starts_without_allow_list(tmp_path: Path) -> None:
+    listener = Settings(data_dir=tmp_path).listener_config()
+    assert listener.host == "127.0.0.1" and listener.allowed_aets == frozenset()
+    with pytest.raises(ValueError, match="allowed_aets"):
+        Settings(data_dir=tmp_path, host="0.0.0.0").listener_config()

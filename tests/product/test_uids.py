@@ -17,8 +17,20 @@ def test_valid(uid: str) -> None:
 
 @pytest.mark.parametrize(
     "uid",
-    ["", "1..2", ".1.2", "1.2.", "1.02", "1.2.a", "../../etc/passwd", "1.2/3", "1." + "2" * 63,
-     "1.2 ", None, 12],
+    [
+        "",
+        "1..2",
+        ".1.2",
+        "1.2.",
+        "1.02",
+        "1.2.a",
+        "../../etc/passwd",
+        "1.2/3",
+        "1." + "2" * 63,
+        "1.2 ",
+        None,
+        12,
+    ],
 )
 def test_invalid(uid: object) -> None:
     assert not is_valid_uid(uid)

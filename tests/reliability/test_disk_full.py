@@ -43,13 +43,15 @@ def test_full_spool_fails_the_store_and_recovers_when_space_returns(small_fs: Pa
         assert OUT_OF_RESOURCES in first, "a write into a full disk must fail"
         assert set(first) <= {SUCCESS, OUT_OF_RESOURCES}
         stored = _spooled(spool)
-        acknowledged = {str(d.SOPInstanceUID) for d, s in zip(datasets, first) if s == SUCCESS}
+        acknowledged = {
+            str(d.SOPInstanceUID) for d, s in zip(datasets, first, strict=True) if s == SUCCESS
+        }
         # Every Success is a complete file on disk; no failure left a file behind.
         assert set(stored) == acknowledged
         assert all(size > 1 << 20 for size in stored.values())
 
         ballast.unlink()  # space returns; nobody restarts anything
-        retry = [d for d, s in zip(datasets, first) if s != SUCCESS]
+        retry = [d for d, s in zip(datasets, first, strict=True) if s != SUCCESS]
         second = scu_store(listener.port, retry)
         assert second == [SUCCESS] * len(retry)
         assert set(_spooled(spool)) == {str(d.SOPInstanceUID) for d in datasets}

@@ -12,18 +12,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.paths import REPO
+from worker import embedded_broker
+
 REDIS_URL = "redis://127.0.0.1:6379/14"
-
-
-def redis_available() -> bool:
-    try:
-        import redis
-
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
-        return True
-    except Exception:
-        return False
+PYTHON = sys.executable
 
 
 def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
@@ -37,17 +30,27 @@ def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.fixture
+def embedded_redis(tmp_path: Path) -> Iterator[Path]:
+    """A data dir whose embedded ``redis-server`` runs; stopped by its pid at teardown."""
+    data_dir = tmp_path / "data"
+    embedded_broker.start(data_dir)
+    yield data_dir
+    # Whoever started it (this fixture, or a `pneumo worker` after a restart):
+    # the pid file names it.
+    embedded_broker.stop(data_dir)
+
+
 @pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])
 def broker_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
     """Environment for one broker flavour (the database is always SQLite here)."""
-    data_dir = tmp_path / "data"
     if request.param == "embedded":
-        yield base_env(data_dir)
+        yield base_env(request.getfixturevalue("embedded_redis"))
         return
-    if not redis_available():
-        pytest.skip("Redis not reachable at 127.0.0.1:6379")
+    request.getfixturevalue("redis_server")  # skips when the shared Redis is down
     import redis
 
+    data_dir = tmp_path / "data"
     client = redis.Redis.from_url(REDIS_URL)
     client.flushdb()
     yield base_env(
@@ -63,12 +66,14 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Start subprocesses that are stopped (SIGTERM, then SIGKILL) at teardown."""
     processes: list[subprocess.Popen[bytes]] = []
 
-    def start(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        args: list[str], env: dict[str, str], cwd: Path | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(tmp_path / f"proc-{uuid.uuid4().hex[:6]}.log", "wb")
         process = subprocess.Popen(
             args, env=env, cwd=cwd or tmp_path, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
-        )
+        )  # fmt: skip
         process.log_path = log.name  # type: ignore[attr-defined]
         processes.append(process)
         return process
@@ -92,9 +97,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-PYTHON = sys.executable
 
 
 @pytest.fixture

@@ -4,16 +4,18 @@ backoff, then marked dead-letter in the database, each attempt a job row."""
 from __future__ import annotations
 
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import select
 
-from db import migrate, repository as repo
+from db import migrate
+from db import repository as repo
 from db.engine import session_scope
 from db.models import Job, JobStatus, Study, StudyStatus
 from pneumo.settings import Settings
 from worker.app import PROCESS_STUDY, create_app
+from worker.queues import QueueName
 
 STUDY = "1.2.826.0.1.3680043.8.498.77"
 
@@ -36,13 +38,24 @@ def test_failing_study_ends_in_dead_letter(broker_env, spawn, waiter, tmp_path: 
     dcm = tmp_path / "x.dcm"
     dcm.write_bytes(b"not used: the model fails first")
     with session_scope(url) as session:
-        repo.record_instance(session, repo.InstanceRecord(
-            study_uid=STUDY, series_uid=f"{STUDY}.1", sop_instance_uid=f"{STUDY}.1.1",
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-            transfer_syntax_uid="1.2.840.10008.1.2.1", path=str(dcm), size=10,
-            calling_aet="TEST", received_at=datetime.now(timezone.utc)))
+        repo.record_instance(
+            session,
+            repo.InstanceRecord(
+                study_uid=STUDY,
+                series_uid=f"{STUDY}.1",
+                sop_instance_uid=f"{STUDY}.1.1",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path=str(dcm),
+                size=10,
+                calling_aet="TEST",
+                received_at=datetime.now(UTC),
+            ),
+        )
         study_id, revision = repo.mark_study_queued(session, STUDY, amended=False)
-    create_app(settings).send_task(PROCESS_STUDY, args=[study_id, revision], queue="realtime")
+    create_app(settings.worker_config()).send_task(
+        PROCESS_STUDY, args=[study_id, revision], queue=QueueName.REALTIME.value
+    )
 
     worker = spawn([sys.executable, "-m", "pneumo.cli", "worker", "--concurrency", "1"], env)
 
@@ -52,8 +65,11 @@ def test_failing_study_ends_in_dead_letter(broker_env, spawn, waiter, tmp_path: 
 
     waiter(dead, 120, "dead-letter status")
     with session_scope(url) as session:
-        jobs = session.execute(select(Job).where(Job.study_id == study_id)
-                               .order_by(Job.id)).scalars().all()
+        jobs = (
+            session.execute(select(Job).where(Job.study_id == study_id).order_by(Job.id))
+            .scalars()
+            .all()
+        )
         study = session.get(Study, study_id)
         assert [j.status for j in jobs] == [JobStatus.RETRYING] * 2 + [JobStatus.DEAD_LETTER]
         assert [j.attempt for j in jobs] == [0, 1, 2]

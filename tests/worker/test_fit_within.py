@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from worker.pipeline import fit_within
+from worker.stages.outputs import fit_within
 
 
 def test_large_image_scaled_keeping_aspect_and_values() -> None:

@@ -11,9 +11,15 @@ from worker.intended_use import AgeEvidence, age_in_years, outside_intended_use,
 
 @pytest.mark.parametrize(
     ("value", "years"),
-    [("045Y", 45.0), ("006M", 0.5), ("052W", 52 * 7 / 365.25), ("010D", 10 / 365.25),
-     # non-conformant values found in real archives are read as years
-     ("81", 81.0), ("45Y", 45.0)],
+    [
+        ("045Y", 45.0),
+        ("006M", 0.5),
+        ("052W", 52 * 7 / 365.25),
+        ("010D", 10 / 365.25),
+        # non-conformant values found in real archives are read as years
+        ("81", 81.0),
+        ("45Y", 45.0),
+    ],
 )
 def test_age_strings(value: str, years: float) -> None:
     assert parse_age_string(value) == pytest.approx(years, rel=1e-3)
@@ -41,3 +47,22 @@ def test_birth_date_used_when_age_missing() -> None:
 def test_unknown_age_or_no_limit_is_not_flagged() -> None:
     assert not outside_intended_use(AgeEvidence(), 17)
     assert not outside_intended_use(AgeEvidence(patient_age="080Y"), None)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+def test_evidence_from_a_header() -> None:
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.PatientAge = " 045Y "
+    ds.PatientBirthDate = "19800101"
+    ds.StudyDate = "2024013"  # malformed: ignored, not an error
+    assert AgeEvidence.from_dataset(ds) == AgeEvidence("045Y", date(1980, 1, 1), None)
+    assert AgeEvidence.from_dataset(Dataset()) == AgeEvidence.from_dataset(None) == AgeEvidence()
+
+
+def test_card_limit_wins_over_the_configured_default() -> None:
+    from worker.intended_use import intended_max_age
+
+    assert intended_max_age(12, 17) == 12
+    assert intended_max_age(None, 17) == 17

@@ -20,13 +20,25 @@ from pathlib import Path
 
 import numpy as np
 
-from model.images import load_image_file
+from model.images import IMAGE_SUFFIXES, load_image_file
+
+__all__ = [
+    "CLASS_FOLDERS",
+    "DICOM_SUFFIXES",
+    "NPZ_SPLITS",
+    "DatasetError",
+    "ItemKind",
+    "LabelledDataset",
+    "LabelledItem",
+    "folder_dataset",
+    "npz_dataset",
+    "open_dataset",
+    "stratified_subset",
+]
 
 #: Folder name -> label. Matching is case-insensitive (``normal/`` works too).
 CLASS_FOLDERS: dict[str, int] = {"NORMAL": 0, "PNEUMONIA": 1}
 
-#: Suffixes decoded with ``model.images.load_image_file``.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
 #: Suffixes always treated as DICOM (files without a suffix are sniffed).
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic"})
 
@@ -63,9 +75,14 @@ class LabelledItem:
 class LabelledDataset:
     """A sequence of labelled items with a loader for their pixels."""
 
-    def __init__(self, name: str, items: Sequence[LabelledItem], *,
-                 read_dicom: ReadDicom | None = None,
-                 arrays: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        items: Sequence[LabelledItem],
+        *,
+        read_dicom: ReadDicom | None = None,
+        arrays: np.ndarray | None = None,
+    ) -> None:
         self.name = name
         self.items: tuple[LabelledItem, ...] = tuple(items)
         self._read_dicom = read_dicom
@@ -84,13 +101,18 @@ class LabelledDataset:
     def class_counts(self) -> dict[str, int]:
         """``{"NORMAL": n0, "PNEUMONIA": n1}``."""
         labels = self.labels
-        return {name: int(np.count_nonzero(labels == value))
-                for name, value in CLASS_FOLDERS.items()}
+        return {
+            name: int(np.count_nonzero(labels == value)) for name, value in CLASS_FOLDERS.items()
+        }
 
-    def subset(self, indices: Sequence[int]) -> "LabelledDataset":
+    def subset(self, indices: Sequence[int]) -> LabelledDataset:
         """A dataset of the given items (same loader)."""
-        return LabelledDataset(self.name, [self.items[i] for i in indices],
-                               read_dicom=self._read_dicom, arrays=self._arrays)
+        return LabelledDataset(
+            self.name,
+            [self.items[i] for i in indices],
+            read_dicom=self._read_dicom,
+            arrays=self._arrays,
+        )
 
     def load(self, item: LabelledItem) -> np.ndarray:
         """The item's pixels as a 2-D float32 array in [0, 1].
@@ -110,9 +132,12 @@ class LabelledDataset:
             return image
         assert self._arrays is not None and item.index is not None
         raw = self._arrays[item.index]
+        result: np.ndarray
         if raw.dtype == np.uint8:
-            return raw.astype(np.float32) / 255.0
-        return np.clip(raw.astype(np.float32), 0.0, 1.0)
+            result = raw.astype(np.float32) / 255.0
+        else:
+            result = np.clip(raw.astype(np.float32), 0.0, 1.0)
+        return result
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -183,20 +208,28 @@ def npz_dataset(path: Path, split: str = "test") -> LabelledDataset:
             raise
         raise DatasetError(f"cannot read {path.name}: {exc}") from exc
     if images.ndim == 4 and images.shape[-1] in (1, 3):  # (N, H, W, C): take luminance
-        images = images.mean(axis=-1).astype(images.dtype) if images.shape[-1] == 3 \
-            else images[..., 0]
+        images = (
+            images.mean(axis=-1).astype(images.dtype) if images.shape[-1] == 3 else images[..., 0]
+        )
     if images.ndim != 3 or images.shape[0] != labels.shape[0]:
-        raise DatasetError(f"{path.name}: {images.shape[0]} images vs {labels.shape[0]} labels "
-                           f"or not (N, H, W) images: {images.shape}")
+        raise DatasetError(
+            f"{path.name}: {images.shape[0]} images vs {labels.shape[0]} labels "
+            f"or not (N, H, W) images: {images.shape}"
+        )
     if not np.isin(labels, (0, 1)).all():
         raise DatasetError(f"{path.name}: labels must be 0/1")
-    items = [LabelledItem(ref=f"{path.name}:{split}:{i}", label=int(lab), kind=ItemKind.ARRAY,
-                          path=path, index=i) for i, lab in enumerate(labels)]
+    items = [
+        LabelledItem(
+            ref=f"{path.name}:{split}:{i}", label=int(lab), kind=ItemKind.ARRAY, path=path, index=i
+        )
+        for i, lab in enumerate(labels)
+    ]
     return LabelledDataset(f"{path.stem}:{split}", items, arrays=images)
 
 
-def open_dataset(path: Path, *, split: str = "test",
-                 read_dicom: ReadDicom | None = None) -> LabelledDataset:
+def open_dataset(
+    path: Path, *, split: str = "test", read_dicom: ReadDicom | None = None
+) -> LabelledDataset:
     """A folder tree or an ``.npz``, whichever ``path`` is."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".npz":

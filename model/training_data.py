@@ -28,13 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from model.images import load_image_file
+from model.images import IMAGE_SUFFIXES, load_image_file
 from model.preprocess import INPUT_SIZE, resize_to_input
+
+__all__ = ["CLASSES", "Sample", "list_samples", "load_pixels", "patient_of", "patient_split"]
 
 log = logging.getLogger(__name__)
 
 CLASSES = ("NORMAL", "PNEUMONIA")
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
 _PERSON = re.compile(r"^(person\d+)_", re.IGNORECASE)
 _NORMAL = re.compile(r"^((?:NORMAL2-)?IM-\d+)-", re.IGNORECASE)
@@ -123,7 +124,8 @@ def load_pixels(
     if cache is not None and cache.exists():
         arr = np.load(cache)
         if arr.shape == (len(samples), size, size):
-            return arr
+            result: np.ndarray = arr
+            return result
     paths = [s.path for s in samples]
     chunks = [(paths[i : i + 256], size) for i in range(0, len(paths), 256)]
     if workers > 1 and len(chunks) > 1:

@@ -1,0 +1,79 @@
+"""What the pipeline needs from a model: the :class:`Predictor` protocol.
+
+:class:`model.inference.Predictor` satisfies it; so does any test double with
+the same three members. The pipeline never imports torch through this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["Image", "ModelDescription", "Prediction", "Predictor"]
+
+Image = npt.NDArray[Any]
+"""A 2-D float image in [0, 1], brighter = denser (:func:`dicom_io.pixels.read_pixels`)."""
+
+
+class ModelDescription(Protocol):
+    """What a result records about the model that produced it (the model card's identity)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def sha256(self) -> str:
+        """Of the weights file."""
+        ...
+
+    @property
+    def threshold(self) -> float:
+        """Operating point on the calibrated probability."""
+        ...
+
+    @property
+    def intended_population(self) -> str: ...
+    @property
+    def max_age_years(self) -> int | None:
+        """Upper age of the intended population; None when the card gives none."""
+        ...
+
+
+class Prediction(Protocol):
+    """The model's verdict on one image."""
+
+    @property
+    def probability(self) -> float:
+        """Calibrated P(pneumonia)."""
+        ...
+
+    @property
+    def ood_score(self) -> float: ...
+    @property
+    def is_chest(self) -> bool:
+        """The image passed the not-a-chest-radiograph guard."""
+        ...
+
+    @property
+    def finding(self) -> bool:
+        """Pneumonia suspected: a chest radiograph at or above the threshold."""
+        ...
+
+
+class Predictor(Protocol):
+    """A loaded model: one batched forward pass per call, one result per image, in order."""
+
+    @property
+    def info(self) -> ModelDescription: ...
+
+    def predict(self, images: Sequence[Image]) -> Sequence[Prediction]:
+        """One :class:`Prediction` per image, in the order given."""
+        ...
+
+    def heatmaps(self, images: Sequence[Image]) -> Sequence[npt.NDArray[np.float32]]:
+        """One float32 [0, 1] map per image, at the image's own (H, W)."""
+        ...

@@ -1,0 +1,129 @@
+"""Stage 3, predict: the model over every usable image, several studies' images per call.
+
+The usable images of all given studies are pooled and go through
+:meth:`~worker.predictor.Predictor.predict` in chunks of the configured batch
+size (one call when they fit), then the chest radiographs among them through
+:meth:`~worker.predictor.Predictor.heatmaps` the same way. Results are handed
+back per study, in image order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+
+from worker.predictor import Image, Prediction, Predictor
+from worker.stages.load import LoadedStudy
+from worker.stages.read import ReadInstance, ReadStudy
+from worker.stages.timing import StageTimer, timed
+
+__all__ = ["PredictedImage", "PredictedStudy", "predict"]
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class PredictedImage:
+    """One read image with the model's verdict; a heatmap exactly when it is a chest X-ray."""
+
+    instance: ReadInstance
+    source: Dataset
+    """The instance's parsed header and pixels (what the SR and SC refer to)."""
+    image: Image
+    prediction: Prediction
+    heatmap: npt.NDArray[np.float32] | None
+
+
+@dataclass(frozen=True)
+class PredictedStudy:
+    """A read study with one :class:`PredictedImage` per usable image, in order."""
+
+    read: ReadStudy
+    images: tuple[PredictedImage, ...]
+
+    @property
+    def study(self) -> LoadedStudy:
+        return self.read.study
+
+    @property
+    def predictions(self) -> tuple[Prediction, ...]:
+        return tuple(i.prediction for i in self.images)
+
+    @property
+    def chest(self) -> tuple[PredictedImage, ...]:
+        """The images that passed the not-a-chest guard: the ones the finding rests on."""
+        return tuple(i for i in self.images if i.prediction.is_chest)
+
+
+_Usable = tuple[int, ReadInstance, Dataset, Image]
+
+
+def _usable(studies: Sequence[ReadStudy]) -> list[_Usable]:
+    """(study index, instance, dataset, image) for every decoded image, studies in order."""
+    return [
+        (k, item, item.loaded.dataset, item.image)
+        for k, study in enumerate(studies)
+        for item in study.instances
+        if item.image is not None and item.loaded.dataset is not None
+    ]
+
+
+def _in_batches(
+    call: Callable[[Sequence[Image]], Sequence[_T]],
+    images: Sequence[Image],
+    batch_size: int | None,
+    what: str,
+) -> list[_T]:
+    """``call`` over ``images`` in chunks of ``batch_size`` (None: one call); never on nothing."""
+    size = batch_size or len(images)
+    out: list[_T] = []
+    for start in range(0, len(images), max(1, size)):
+        chunk = images[start : start + size]
+        got = list(call(chunk))
+        if len(got) != len(chunk):
+            raise ValueError(f"predictor returned {len(got)} {what} for {len(chunk)} image(s)")
+        out += got
+    return out
+
+
+def predict(
+    predictor: Predictor,
+    studies: Sequence[ReadStudy],
+    *,
+    batch_size: int | None = None,
+    timer: StageTimer | None = None,
+) -> tuple[PredictedStudy, ...]:
+    """Run ``predictor`` over the usable images of ``studies`` together; one result per study.
+
+    Images of different studies share calls: with ``batch_size`` None, one
+    :meth:`~worker.predictor.Predictor.predict` call takes them all; otherwise
+    each call takes at most ``batch_size`` (``PNEUMO_BATCH_SIZE``). Timed as
+    ``inference`` and ``heatmaps``. The predictor is not called at all when
+    there is nothing to predict (or no chest image to explain).
+
+    Raises:
+        ValueError: ``batch_size`` is below 1, or the predictor returned a
+            different number of predictions or heatmaps than images it was given.
+        Exception: whatever the predictor raises (the task retries the study).
+    """
+    if batch_size is not None and batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    usable = _usable(studies)
+    images = [image for *_, image in usable]
+    with timed(timer, "inference"):
+        predictions = _in_batches(predictor.predict, images, batch_size, "predictions")
+    chest = [j for j, p in enumerate(predictions) if p.is_chest]
+    with timed(timer, "heatmaps"):
+        maps = _in_batches(predictor.heatmaps, [images[j] for j in chest], batch_size, "heatmaps")
+    heatmap_of = dict(zip(chest, maps, strict=True))
+    per_study: list[list[PredictedImage]] = [[] for _ in studies]
+    for j, ((k, item, ds, image), p) in enumerate(zip(usable, predictions, strict=True)):
+        per_study[k].append(PredictedImage(item, ds, image, p, heatmap_of.get(j)))
+    return tuple(
+        PredictedStudy(study, tuple(found)) for study, found in zip(studies, per_study, strict=True)
+    )
