@@ -51,6 +51,7 @@ __all__ = [
     "Study",
     "StudyStatus",
     "UID_LENGTH",
+    "WorkerHeartbeat",
     "utcnow",
 ]
 
@@ -169,6 +170,8 @@ class Study(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(nullable=True)
     completed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    republished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    """When the reconciler last re-published its wake-up (worker.reconciler); None = never."""
     last_error: Mapped[str | None] = mapped_column(Text)  # never PHI: exception type + message
 
     instances: Mapped[list[Instance]] = relationship(back_populates="study", order_by="Instance.id")
@@ -294,3 +297,21 @@ class Delivery(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     result: Mapped[Result] = relationship(back_populates="deliveries")
+
+
+class WorkerHeartbeat(Base):
+    """A Celery worker's sign of life, written every few seconds by its main process.
+
+    ``active_tasks`` lists the task ids the worker was running at ``beat_at``:
+    a ``running`` job whose worker beats without its task is no longer running
+    (worker.heartbeat, worker.reconciler).
+    """
+
+    __tablename__ = "worker_heartbeat"
+
+    worker: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery node name
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    beat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    active_tasks: Mapped[list[str]] = mapped_column(default=list)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -30,6 +30,7 @@ from db.models import (
     SelectionStatus,
     Study,
     StudyStatus,
+    WorkerHeartbeat,
     utcnow,
 )
 
@@ -107,28 +108,40 @@ def ensure_study(session: Session, study_uid: str, header: StudyHeader | None = 
     )
 
 
-def record_instance(session: Session, record: InstanceRecord) -> int:
-    """Store (or refresh) one received instance; creates its study row when new."""
+def record_instance(session: Session, record: InstanceRecord) -> int | None:
+    """Store (or refresh) one received instance; creates its study row when new.
+
+    Returns the instance id, or None when its SOP Instance UID is already
+    recorded in *another* study: a SOP Instance UID identifies one instance
+    (PS3.3 §C.12.1.1.1), so a second study claiming it is refused and the
+    first study keeps its instance. The check is the upsert's own ``WHERE``
+    (one statement), so two studies racing for one UID cannot move the row.
+    """
     study_id = ensure_study(session, record.study_uid)
-    return upsert(
-        session,
-        Instance,
-        {
-            "study_id": study_id,
-            "sop_instance_uid": record.sop_instance_uid,
-            "series_uid": record.series_uid,
-            "sop_class_uid": record.sop_class_uid,
-            "transfer_syntax_uid": record.transfer_syntax_uid,
-            "path": record.path,
-            "size": record.size,
-            "calling_aet": record.calling_aet,
-            "received_at": record.received_at,
-            # a re-sent instance is looked at again by the next run
-            "selection": SelectionStatus.PENDING,
-            "skip_reason": None,
-        },
-        ["sop_instance_uid"],
-    )
+    values: dict[str, Any] = {
+        "study_id": study_id,
+        "sop_instance_uid": record.sop_instance_uid,
+        "series_uid": record.series_uid,
+        "sop_class_uid": record.sop_class_uid,
+        "transfer_syntax_uid": record.transfer_syntax_uid,
+        "path": record.path,
+        "size": record.size,
+        "calling_aet": record.calling_aet,
+        "received_at": record.received_at,
+        # a re-sent instance is looked at again by the next run
+        "selection": SelectionStatus.PENDING,
+        "skip_reason": None,
+    }
+    dialect = session.get_bind().dialect.name
+    stmt: Any = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Instance)
+    stmt = stmt.values(**values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["sop_instance_uid"],
+        set_={c: stmt.excluded[c] for c in values if c not in ("study_id", "sop_instance_uid")},
+        where=Instance.study_id == stmt.excluded.study_id,
+    ).returning(Instance.id)
+    instance_id = session.execute(stmt).scalar_one_or_none()
+    return None if instance_id is None else int(instance_id)
 
 
 def mark_study_queued(
@@ -185,9 +198,13 @@ class StudyState:
     queued_at: datetime | None
 
 
-def study_state(session: Session, study_id: int) -> StudyState | None:
-    """The study's current revision and status; None when ``study_id`` is unknown."""
-    study = session.get(Study, study_id)
+def study_state(session: Session, study_id: int, *, lock: bool = False) -> StudyState | None:
+    """The study's current revision and status; None when ``study_id`` is unknown.
+
+    ``lock`` takes the row lock (``SELECT ... FOR UPDATE`` on PostgreSQL) until
+    the transaction ends, so two workers starting an attempt count one after the other.
+    """
+    study = session.get(Study, study_id, with_for_update=lock or None)
     if study is None:
         return None
     return StudyState(study.id, study.study_uid, study.revision, study.status, study.queued_at)
@@ -573,3 +590,308 @@ def delivery_status(session: Session, delivery_id: int) -> DeliveryStatus | None
         select(Delivery.status).where(Delivery.id == delivery_id)
     ).scalar_one_or_none()
     return status
+
+
+# --- retention (pneumo purge) ---------------------------------------------------
+
+PIXELS_PURGED = "pixels-purged"
+"""``Instance.skip_reason`` of an instance whose spooled file retention deleted."""
+
+_PURGEABLE = (StudyStatus.DONE, StudyStatus.DEAD_LETTER)
+
+
+@dataclass(frozen=True)
+class PurgeCandidate:
+    """A finished study old enough for retention."""
+
+    study_id: int
+    study_uid: str
+
+
+def studies_to_purge(session: Session, received_before: datetime) -> list[PurgeCandidate]:
+    """Studies received before ``received_before`` that are done or dead-lettered, oldest first.
+
+    A study whose every instance row is already :data:`PIXELS_PURGED` is not
+    a candidate, so a repeated purge finds nothing; a study with no instance
+    row at all (its only instance was refused for reusing another study's
+    SOP Instance UID) is, since its spool folder may still hold the file.
+    Studies still receiving, queued or being processed are never candidates.
+    """
+    unpurged = (
+        select(Instance.id)
+        .where(
+            Instance.study_id == Study.id,
+            Instance.skip_reason.is_distinct_from(PIXELS_PURGED),
+        )
+        .exists()
+    )
+    any_instance = select(Instance.id).where(Instance.study_id == Study.id).exists()
+    rows = session.execute(
+        select(Study.id, Study.study_uid)
+        .where(
+            Study.status.in_(_PURGEABLE),
+            Study.received_at < received_before,
+            unpurged | ~any_instance,
+        )
+        .order_by(Study.received_at, Study.id)
+    ).all()
+    return [PurgeCandidate(int(study_id), str(study_uid)) for study_id, study_uid in rows]
+
+
+def mark_pixels_purged(session: Session, study_id: int, sop_instance_uids: Sequence[str]) -> int:
+    """Record that these instances' files are gone (skipped, :data:`PIXELS_PURGED`).
+
+    Returns how many rows changed (rows already marked are not counted).
+
+    Instance rows stay (results and the audit trail refer to them); only
+    their selection says the pixels can no longer be read.
+    """
+    if not sop_instance_uids:
+        return 0
+    updated = session.execute(
+        update(Instance)
+        .where(
+            Instance.study_id == study_id,
+            Instance.sop_instance_uid.in_(list(sop_instance_uids)),
+            Instance.skip_reason.is_distinct_from(PIXELS_PURGED),
+        )
+        .values(selection=SelectionStatus.SKIPPED, skip_reason=PIXELS_PURGED)
+    )
+    return int(getattr(updated, "rowcount", 0) or 0)
+
+
+def study_pixels_purged(session: Session, study_uid: str) -> bool:
+    """True when retention deleted the spooled file of at least one of the study's instances."""
+    found = session.execute(
+        select(Instance.id)
+        .join(Study, Instance.study_id == Study.id)
+        .where(Study.study_uid == study_uid, Instance.skip_reason == PIXELS_PURGED)
+        .limit(1)
+    ).first()
+    return found is not None
+
+
+# --- work state: attempts, worker heartbeats, reconciliation ---------------------
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    """A job row still ``running``: either in progress, or its worker was lost."""
+
+    job_id: int
+    study_id: int
+    revision: int
+    task_id: str | None
+    worker: str | None
+    started_at: datetime
+
+
+def running_jobs(
+    session: Session, study_id: int, revision: int, kind: JobKind = JobKind.PROCESS
+) -> list[RunningJob]:
+    """The study's jobs of ``kind`` for ``revision`` that have no outcome yet, oldest first."""
+    rows = session.execute(
+        select(Job.id, Job.study_id, Job.revision, Job.task_id, Job.worker_host, Job.started_at)
+        .where(
+            Job.study_id == study_id,
+            Job.revision == revision,
+            Job.kind == kind,
+            Job.status == JobStatus.RUNNING,
+        )
+        .order_by(Job.id)
+    ).all()
+    return [RunningJob(int(i), int(s), int(r), t, w, at) for i, s, r, t, w, at in rows]
+
+
+def count_attempts(
+    session: Session, study_id: int, revision: int, *, since: datetime | None
+) -> int:
+    """Processing attempts started for ``revision`` since ``since`` (the study's ``queued_at``).
+
+    Counted from job rows, which a worker writes when it *starts* an attempt:
+    an attempt whose worker was killed counts too.
+    """
+    stmt = select(func.count()).where(
+        Job.study_id == study_id, Job.revision == revision, Job.kind == JobKind.PROCESS
+    )
+    if since is not None:
+        stmt = stmt.where(Job.started_at >= since)
+    return int(session.execute(stmt).scalar_one())
+
+
+def last_job_error(session: Session, study_id: int, revision: int) -> str | None:
+    """The error text of the study's latest processing job for ``revision`` that has one."""
+    error: str | None = session.execute(
+        select(Job.error)
+        .where(
+            Job.study_id == study_id,
+            Job.revision == revision,
+            Job.kind == JobKind.PROCESS,
+            Job.error.is_not(None),
+        )
+        .order_by(Job.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    return error
+
+
+@dataclass(frozen=True)
+class Beat:
+    """A worker's latest heartbeat."""
+
+    worker: str
+    beat_at: datetime
+    active_tasks: frozenset[str]
+
+
+def record_heartbeat(
+    session: Session, worker: str, *, hostname: str, pid: int, active_tasks: Sequence[str]
+) -> None:
+    """Insert or refresh ``worker``'s heartbeat (now, with the task ids it is running)."""
+    now = utcnow()
+    values: dict[str, Any] = {
+        "hostname": hostname,
+        "pid": pid,
+        "beat_at": now,
+        "active_tasks": sorted(active_tasks),
+    }
+    # One writer per worker name (its own main process): update, else insert.
+    updated: Any = session.execute(
+        update(WorkerHeartbeat).where(WorkerHeartbeat.worker == worker).values(**values)
+    )
+    if updated.rowcount == 0:
+        session.add(WorkerHeartbeat(worker=worker, started_at=now, **values))
+        session.flush()
+
+
+def remove_heartbeat(session: Session, worker: str) -> None:
+    """Forget ``worker`` (its clean shutdown)."""
+    session.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.worker == worker))
+
+
+def heartbeats(session: Session, workers: Sequence[str]) -> dict[str, Beat]:
+    """The latest heartbeat of each of ``workers`` that has one."""
+    if not workers:
+        return {}
+    rows = session.execute(
+        select(WorkerHeartbeat.worker, WorkerHeartbeat.beat_at, WorkerHeartbeat.active_tasks).where(
+            WorkerHeartbeat.worker.in_(sorted(set(workers)))
+        )
+    ).all()
+    return {str(w): Beat(str(w), at, frozenset(tasks or ())) for w, at, tasks in rows}
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """A study whose work the reconciler looks at: queued, processing or failed."""
+
+    study_id: int
+    revision: int
+    status: StudyStatus
+    queued_at: datetime | None
+    republished_at: datetime | None
+    last_job_ended_at: datetime | None
+    last_job_queue: str | None
+
+
+def unfinished_studies(
+    session: Session, statuses: Sequence[StudyStatus], *, limit: int = 500
+) -> list[WorkItem]:
+    """Studies in ``statuses`` (oldest queued first), with their latest processing job's
+    end time and queue for the current revision."""
+    studies = session.execute(
+        select(Study.id, Study.revision, Study.status, Study.queued_at, Study.republished_at)
+        .where(Study.status.in_(list(statuses)), Study.revision > 0)
+        .order_by(Study.queued_at, Study.id)
+        .limit(limit)
+    ).all()
+    items: list[WorkItem] = []
+    for study_id, revision, status, queued_at, republished_at in studies:
+        last = session.execute(
+            select(Job.ended_at, Job.queue)
+            .where(Job.study_id == study_id, Job.revision == revision, Job.kind == JobKind.PROCESS)
+            .order_by(Job.id.desc())
+            .limit(1)
+        ).one_or_none()
+        ended_at, queue = (last[0], last[1]) if last is not None else (None, None)
+        items.append(
+            WorkItem(
+                int(study_id), int(revision), status, queued_at, republished_at, ended_at, queue
+            )
+        )
+    return items
+
+
+def claim_republish(session: Session, study_id: int, revision: int, *, before: datetime) -> bool:
+    """Mark the study re-published now, unless someone did so at or after ``before``.
+
+    A compare-and-set: of several reconcilers looking at the same stale study,
+    one gets True and publishes.
+    """
+    result: Any = session.execute(
+        update(Study)
+        .where(
+            Study.id == study_id,
+            Study.revision == revision,
+            (Study.republished_at.is_(None)) | (Study.republished_at < before),
+        )
+        .values(republished_at=utcnow())
+    )
+    return bool(result.rowcount == 1)
+
+
+def close_lost_jobs(session: Session, job_ids: Sequence[int], error: str) -> None:
+    """Give ``running`` jobs whose worker was lost their outcome: ``retrying`` with ``error``."""
+    if job_ids:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(list(job_ids)), Job.status == JobStatus.RUNNING)
+            .values(status=JobStatus.RETRYING, ended_at=utcnow(), error=error)
+        )
+
+
+@dataclass(frozen=True)
+class PendingDelivery:
+    """A delivery not sent yet: pending, or failed with attempts left."""
+
+    delivery_id: int
+    result_id: int
+    destination: str
+    attempts: int
+
+
+def stale_deliveries(
+    session: Session, *, before: datetime, max_attempts: int, limit: int = 500
+) -> list[PendingDelivery]:
+    """Deliveries pending or failed, untouched since ``before``, with fewer than ``max_attempts``."""
+    rows = session.execute(
+        select(Delivery.id, Delivery.result_id, Delivery.destination, Delivery.attempts)
+        .where(
+            Delivery.status.in_([DeliveryStatus.PENDING, DeliveryStatus.FAILED]),
+            Delivery.updated_at < before,
+            Delivery.attempts < max_attempts,
+        )
+        .order_by(Delivery.updated_at)
+        .limit(limit)
+    ).all()
+    return [PendingDelivery(int(i), int(r), str(d), int(a)) for i, r, d, a in rows]
+
+
+def claim_delivery(session: Session, delivery_id: int, *, before: datetime) -> bool:
+    """Touch the delivery row unless it changed at or after ``before`` (compare-and-set)."""
+    result: Any = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.id == delivery_id,
+            Delivery.status != DeliveryStatus.SENT,
+            Delivery.updated_at < before,
+        )
+        .values(updated_at=utcnow())
+    )
+    return bool(result.rowcount == 1)
+
+
+def prune_heartbeats(session: Session, *, before: datetime) -> int:
+    """Delete heartbeat rows of workers silent since ``before`` (restarted or gone); how many."""
+    result: Any = session.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.beat_at < before))
+    return int(result.rowcount or 0)

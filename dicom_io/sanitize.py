@@ -30,7 +30,7 @@ import warnings
 from dataclasses import dataclass
 from enum import Enum
 
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -112,6 +112,13 @@ def _attribute(tag: BaseTag) -> str:
 def _fix_element(ds: Dataset, tag: BaseTag) -> HeaderFix | None:
     raw = ds.get_item(tag)
     vr = raw.VR if raw is not None else None
+    if vr is None:
+        # Implicit VR Little Endian (the default transfer syntax) carries no VR:
+        # the data dictionary's is the one the value will be read with.
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:  # private or unknown: not ours to repair
+            return None
     if vr not in _TEXT_VRS:
         return None
     attribute = _attribute(tag)

@@ -32,6 +32,7 @@ is encoded directly (:mod:`dicom_io.part10`), and the file is written with one
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
 import io
 import logging
@@ -46,7 +47,7 @@ from pathlib import Path
 import pydicom
 
 from dicom_io.config import DEFAULT_MAX_INFLATED_BYTES
-from dicom_io.durable import commit, make_private_dirs, write_temp
+from dicom_io.durable import commit, fsync_dir, make_private_dirs, write_temp
 from dicom_io.part10 import (
     HeaderError,
     InflationLimitExceeded,
@@ -158,7 +159,20 @@ class Spool:
         OSError: (constructor) the spool folders cannot be created.
     """
 
-    def __init__(self, root: Path, *, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+        clean_incoming: bool = True,
+    ) -> None:
+        """Open (and create, 0700) the spool at ``root``.
+
+        ``clean_incoming`` removes temporary files a crash left behind; only
+        the listener may do that. Another process opening the spool while a
+        listener runs (``pneumo purge``) passes False, or it would delete the
+        listener's writes in progress.
+        """
         self.root = Path(root)
         self.incoming = self.root / INCOMING_DIR
         self.state_dir = self.root / STATE_DIR
@@ -169,7 +183,8 @@ class Spool:
         # two associations at once; the expensive write happens outside it.
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._clean_incoming()
+        if clean_incoming:
+            self._clean_incoming()
 
     # --- paths -------------------------------------------------------------
     def instance_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
@@ -388,3 +403,47 @@ class Spool:
     def study_uids_on_disk(self) -> list[str]:
         """Study directories present in the spool (names that are valid UIDs)."""
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and is_valid_uid(p.name))
+
+    # --- retention --------------------------------------------------------
+    def purge_study(self, study_uid: str, *, received_before: datetime | None = None) -> list[str]:
+        """Delete a study's spooled files (its pixels); return the SOP Instance UIDs deleted.
+
+        ``received_before`` keeps every file written at or after that time
+        (its modification time is when the spool committed it), so an
+        instance that arrived after the caller decided to purge survives;
+        None deletes every file of the study. Files the database may not know
+        (an instance refused for reusing another study's SOP Instance UID)
+        go too: the spool folder is the truth. Emptied series and study
+        folders are removed, and each changed folder is ``fsync``-ed so the
+        deletion survives a power loss. The study's journal is kept: it holds
+        UIDs and counters, no PHI, and tells a restarted listener that the
+        study was dispatched. Repeating a purge deletes nothing more.
+
+        Raises:
+            InvalidUIDError: ``study_uid`` is not a valid UID (it would become a path).
+            OSError: a file or folder could not be deleted.
+        """
+        study_dir = self.study_dir(study_uid)
+        if not study_dir.is_dir():
+            return []
+        cutoff = None if received_before is None else received_before.timestamp()
+        deleted: list[str] = []
+        for series_dir in sorted(p for p in study_dir.iterdir() if p.is_dir()):
+            for f in sorted(series_dir.glob("*" + SUFFIX)):
+                if cutoff is None or f.stat().st_mtime < cutoff:
+                    f.unlink()
+                    deleted.append(f.name[: -len(SUFFIX)])
+            fsync_dir(series_dir)
+            _remove_if_empty(series_dir)
+        fsync_dir(study_dir)
+        _remove_if_empty(study_dir)
+        fsync_dir(self.root)
+        return deleted
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise

@@ -17,6 +17,8 @@ _COMMAND_MODULES = (
     "pneumo.commands.service",  # up, listen, worker
     "pneumo.commands.admin",  # reprocess, db, status, results, send
     "pneumo.commands.model",  # train, evaluate
+    "pneumo.commands.staff",  # api, tokens, audit, feedback
+    "pneumo.commands.health",  # ping (listener, worker, api): health checks
 )
 
 

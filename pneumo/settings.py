@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     send_retries: int = Field(default=3, ge=0)
     send_backoff_seconds: float = Field(default=2.0, ge=0)
 
+    # --- staff API ---------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=0, le=65535)
+
     # --- storage and services --------------------------------------------
     data_dir: Path = Path("./var")
     database_url: str | None = None
@@ -81,6 +85,24 @@ class Settings(BaseSettings):
         default=1024, ge=0, description="longest side of the heatmap SC; 0 = source size"
     )
     intended_max_age_years: int = Field(default=17, ge=0)
+
+    # --- reliability: heartbeats and the reconciler (worker.heartbeat, worker.reconciler) ---
+    heartbeat_interval_seconds: float = Field(default=5.0, gt=0)
+    heartbeat_stale_seconds: float = Field(
+        default=30.0, gt=0, description="a worker silent this long is presumed dead"
+    )
+    reconcile_interval_seconds: float = Field(
+        default=5.0, ge=0, description="how often each worker looks for stale work; 0 = off"
+    )
+    reconcile_stale_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="age after which a queued study or unsent delivery is re-published",
+    )
+    delivery_max_attempts: int = Field(default=10, ge=1)
+    fault_test_delay_seconds: float = Field(
+        default=0.0, ge=0, description="fault tests only: sleep at the start of each attempt"
+    )
 
     @field_validator("ae_title")
     @classmethod
@@ -193,6 +215,12 @@ class Settings(BaseSettings):
             heatmap_max_side=self.heatmap_max_side,
             intended_max_age_years=self.intended_max_age_years,
             max_image_pixels_bits=self.max_image_pixels_bits,
+            heartbeat_interval_seconds=self.heartbeat_interval_seconds,
+            heartbeat_stale_seconds=self.heartbeat_stale_seconds,
+            reconcile_interval_seconds=self.reconcile_interval_seconds,
+            reconcile_stale_seconds=self.reconcile_stale_seconds,
+            delivery_max_attempts=self.delivery_max_attempts,
+            fault_test_delay_seconds=self.fault_test_delay_seconds,
         )
 
 

@@ -2,8 +2,9 @@
 
 Modules: :mod:`worker.app` (the app factory), :mod:`worker.tasks` (the tasks),
 :mod:`worker.intake` (the listener's callbacks), :mod:`worker.pipeline` and its
-stages, :mod:`worker.delivery`, :mod:`worker.embedded_broker` (the private
-``redis-server`` of the embedded default). Configuration is one frozen
+stages, :mod:`worker.delivery`, :mod:`worker.heartbeat` and :mod:`worker.reconciler`
+(worker liveness; stale work re-published), :mod:`worker.embedded_broker` (the
+private ``redis-server`` of the embedded default). Configuration is one frozen
 :class:`WorkerConfig`; ``worker`` never reads the environment nor imports ``pneumo``.
 """
 

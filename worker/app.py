@@ -11,7 +11,15 @@ No-loss settings and why:
 * ``task_acks_late``: a message is acknowledged after the task finished, so a
   worker that dies mid-task leaves it in the broker to be redelivered.
 * ``task_reject_on_worker_lost``: a pool child killed (OOM, segfault) requeues
-  its message instead of acking it as failed.
+  its message instead of acking it as failed; the attempt was counted in the
+  database when it started, so requeues are bounded (:mod:`worker.tasks`).
+* ``task_acks_on_timeout = False``: a task killed at the hard time limit is
+  requeued, not acknowledged; the next delivery records the lost attempt
+  (counted, dead-lettered after the last). ``task_acks_on_failure`` stays on:
+  a task that raised has recorded its outcome, or the reconciler finds the
+  study stale by its heartbeat (:mod:`worker.reconciler`).
+* a database that cannot be reached when a task starts or ends is retried
+  (``self.retry``), never acknowledged unrecorded.
 * ``worker_prefetch_multiplier = 1``: a worker holds no more messages than it
   runs, so realtime work is never stuck in a busy worker's prefetch buffer
   and priority order is kept.
@@ -24,16 +32,26 @@ Queues: :data:`worker.queues.QUEUE_PRIORITY`. A worker consuming both takes
 realtime first (``queue_order_strategy=priority``), on the production Redis
 and on the embedded one (:mod:`worker.embedded_broker`) alike: one transport.
 
+The database, not the broker, holds the state of the work. Each worker's
+main process runs two daemon threads, started on ``worker_ready``: a
+heartbeat (:mod:`worker.heartbeat`) and the reconciler
+(:mod:`worker.reconciler`), which re-publishes wake-ups for stale studies, so a
+worker whose host died is replaced within about ``heartbeat_stale_seconds``
+plus ``reconcile_interval_seconds``, not after the visibility timeout.
+
 No result backend: results go to our own database. Only ids and UIDs travel
 through the broker, never pixels or PHI.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
 from kombu import Exchange, Queue
 
 from worker.config import WorkerConfig
@@ -50,6 +68,8 @@ __all__ = [
 ]
 
 _EXCHANGE = "pneumo"
+
+log = logging.getLogger(__name__)
 
 
 def celery_config(config: WorkerConfig) -> dict[str, object]:
@@ -72,7 +92,8 @@ def celery_config(config: WorkerConfig) -> dict[str, object]:
         "task_create_missing_queues": False,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "task_acks_on_failure_or_timeout": True,
+        "task_acks_on_failure": True,
+        "task_acks_on_timeout": False,
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "task_time_limit": limit,
@@ -126,3 +147,44 @@ def queue_depths(
                 redis = getattr(connection.transport, "driver_type", "") == "redis"
                 depths[name] = 0 if redis else None
     return depths
+
+
+# --- the worker's background threads: heartbeat and reconciler ---------------------
+
+_background: list[Any] = []
+_background_lock = threading.Lock()
+
+
+@worker_ready.connect
+def _start_background(sender: Any = None, **_: Any) -> None:
+    """Start the heartbeat and the reconciler in a worker's main process (once per process)."""
+    from worker.heartbeat import Heartbeat
+    from worker.reconciler import CeleryPublisher, Reconciler
+
+    app = getattr(sender, "app", None)
+    if not isinstance(app, Celery):
+        return
+    try:
+        config = worker_config_of(app)
+    except LookupError:
+        return  # not one of our apps
+    with _background_lock:
+        if _background:
+            return  # worker_ready again after a broker reconnection
+        threads: list[Any] = [Heartbeat(config, str(sender.hostname))]
+        if config.reconcile_interval_seconds > 0:
+            threads.append(Reconciler(config, CeleryPublisher(app)))
+        for thread in threads:
+            thread.start()
+        _background.extend(threads)
+    log.info("heartbeat and reconciler started for %s", sender.hostname)
+
+
+@worker_shutdown.connect
+def _stop_background(**_: Any) -> None:
+    """Stop them at a warm shutdown (after the running tasks ended); the heartbeat row goes."""
+    with _background_lock:
+        threads = list(reversed(_background))
+        _background.clear()
+    for thread in threads:
+        thread.stop()

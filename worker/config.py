@@ -57,13 +57,35 @@ class WorkerConfig:
     """Upper age of the intended population when the model card gives none."""
     max_image_pixels_bits: int = 16384 * 16384 * 16
     """Refuse to decode images larger than this (decompression bombs)."""
+    heartbeat_interval_seconds: float = 5.0
+    """How often a worker's main process writes its heartbeat row (:mod:`worker.heartbeat`)."""
+    heartbeat_stale_seconds: float = 30.0
+    """A worker silent this long is presumed dead; its studies are re-enqueued."""
+    reconcile_interval_seconds: float = 5.0
+    """How often each worker's reconciler looks for stale work (:mod:`worker.reconciler`); 0 = off."""
+    reconcile_stale_seconds: float = 60.0
+    """A queued study (with empty queues) or an unsent delivery untouched this long is re-published."""
+    delivery_max_attempts: int = 10
+    """Send attempts per (result, destination) after which the reconciler gives up on it."""
+    fault_test_delay_seconds: float = 0.0
+    """Sleep at the start of each processing attempt: for the fault tests only, 0 in production."""
     extra: dict[str, str] = field(default_factory=dict, compare=False)
     """Free-form values for tests and tools; never read by the pipeline."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "task_time_limit_seconds"):
+        for name in ("batch_size", "task_time_limit_seconds", "delivery_max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("send_retries", "task_max_retries", "torch_threads", "heatmap_max_side"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        for name in ("heartbeat_interval_seconds", "heartbeat_stale_seconds"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.heartbeat_stale_seconds <= 2 * self.heartbeat_interval_seconds:
+            raise ValueError("heartbeat_stale_seconds must exceed two heartbeat intervals")
+        for name in ("reconcile_interval_seconds", "reconcile_stale_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.fault_test_delay_seconds < 0:
+            raise ValueError("fault_test_delay_seconds must not be negative")

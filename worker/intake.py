@@ -9,15 +9,18 @@ study pending and offers it again later (its contract) instead of dropping it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import pydicom
 from celery import Celery
+from sqlalchemy.exc import SQLAlchemyError
 
 from db import repository as repo
 from db.engine import session_scope
 from dicom_io.assembly import ReadyStudy
+from dicom_io.part10 import read_header
+from dicom_io.sanitize import sanitize_header
 from dicom_io.spool import SpooledInstance
 from dicom_io.uids import require_uid
 from worker.config import WorkerConfig
@@ -25,7 +28,7 @@ from worker.intended_use import parse_da
 from worker.queues import QueueName
 from worker.tasks import PROCESS_STUDY
 
-__all__ = ["Intake", "read_study_header"]
+__all__ = ["OUTAGE_PAUSE_SECONDS", "Intake", "PixelsPurgedError", "read_study_header"]
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +36,28 @@ _HEADER_TAGS = ["PatientID", "AccessionNumber", "StudyDate", "PatientAge"]
 
 
 def read_study_header(path: str | Path) -> repo.StudyHeader:
-    """The staff-query attributes of a study, from one of its files (no pixel data read)."""
+    """The staff-query attributes of a study, from one of its files (no pixel data read).
+
+    Received values are not trusted: they are sanitised first
+    (:func:`dicom_io.sanitize.sanitize_header`: NUL stripped, invalid DA
+    blanked), then cut to their column's length (the VR maxima of PS3.5
+    Table 6.2-1: LO 64, SH 16, AS 4), so the row can always be written. An
+    unreadable header gives an empty one, never an error: the study is
+    still queued.
+    """
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
+        ds = read_header(path, specific_tags=_HEADER_TAGS)
+        fixes = sanitize_header(ds)
     except Exception as exc:
         log.warning("study header unreadable: %s", type(exc).__name__)
         return repo.StudyHeader()
+    if fixes:
+        log.info("study header repaired: %s", ",".join(fix.code for fix in fixes))
 
     def text(keyword: str, limit: int) -> str | None:
         value = str(ds.get(keyword, "") or "").strip()
+        # A lone surrogate (an undecodable byte kept by a decoder) is not UTF-8 either.
+        value = value.encode("utf-8", "replace").decode("utf-8")
         return value[:limit] or None
 
     return repo.StudyHeader(
@@ -66,22 +82,68 @@ def _record(instance: SpooledInstance) -> repo.InstanceRecord:
     )
 
 
+OUTAGE_PAUSE_SECONDS = 30.0
+"""How long the per-instance database write is skipped after it failed."""
+
+
+class _Outage:
+    """When the database last failed the listener's per-instance write (thread-safe enough:
+    one float, written whole)."""
+
+    def __init__(self) -> None:
+        self._until = 0.0
+
+    def active(self) -> bool:
+        return time.monotonic() < self._until
+
+    def begin(self) -> None:
+        self._until = time.monotonic() + OUTAGE_PAUSE_SECONDS
+
+    def end(self) -> None:
+        self._until = 0.0
+
+
+class PixelsPurgedError(LookupError):
+    """The study's spooled files were deleted by retention: it cannot be processed again."""
+
+
+def _log_uid_conflict(instance: SpooledInstance) -> None:
+    log.warning(
+        "instance %s of study %s not recorded: its SOP Instance UID belongs to another study",
+        instance.sop_instance_uid,
+        instance.study_uid,
+    )
+
+
 @dataclass(frozen=True)
 class Intake:
     """Listener callbacks bound to a database and a Celery app (both from one WorkerConfig)."""
 
     config: WorkerConfig
     app: Celery
+    _outage: _Outage = field(default_factory=_Outage, init=False, compare=False, repr=False)
 
     def on_instance_stored(self, instance: SpooledInstance) -> None:
         """Record one spooled instance (an upsert: a repeated call changes nothing).
+
+        Runs inside the C-STORE handler, so after a database failure it skips
+        the write for :data:`OUTAGE_PAUSE_SECONDS` instead of making every
+        C-STORE wait for a connect timeout: the study-ready callback records
+        every instance of the study again, and is retried until it succeeds.
 
         Raises:
             dicom_io.uids.InvalidUIDError: when one of its UIDs is malformed.
             sqlalchemy.exc.SQLAlchemyError: when the database refuses the write.
         """
-        with session_scope(self.config.database_url) as session:
-            repo.record_instance(session, _record(instance))
+        if self._outage.active():
+            return
+        try:
+            with session_scope(self.config.database_url) as session:
+                if repo.record_instance(session, _record(instance)) is None:
+                    _log_uid_conflict(instance)
+        except SQLAlchemyError:
+            self._outage.begin()
+            raise
 
     def on_study_ready(self, ready: ReadyStudy) -> None:
         """Record the study as queued (a new revision when amended), then enqueue it.
@@ -98,10 +160,12 @@ class Intake:
             # Re-recording is an upsert: it covers instances whose per-instance
             # callback failed, and studies recovered from the spool after a restart.
             for instance in ready.instances:
-                repo.record_instance(session, _record(instance))
+                if repo.record_instance(session, _record(instance)) is None:
+                    _log_uid_conflict(instance)
             study_id, revision = repo.mark_study_queued(
                 session, study_uid, amended=bool(ready.amended), header=header
             )
+        self._outage.end()
         self.enqueue(study_id, revision, queue=QueueName.REALTIME)
         log.info(
             "study %s ready (%s): %d instance(s), revision %d, queued",
@@ -125,10 +189,14 @@ class Intake:
         Raises:
             dicom_io.uids.InvalidUIDError: when ``study_uid`` is malformed.
             LookupError: when no such study is stored.
+            PixelsPurgedError: when retention deleted its spooled pixels (a
+                rerun would replace its result with "no usable image").
             kombu.exceptions.OperationalError: when the broker cannot be reached.
         """
         require_uid(study_uid, "Study Instance UID")
         with session_scope(self.config.database_url) as session:
+            if repo.study_pixels_purged(session, study_uid):
+                raise PixelsPurgedError("its spooled pixels were purged (pneumo purge)")
             study_id, revision = repo.requeue_study(session, study_uid)
         self.enqueue(study_id, revision, queue=QueueName.BATCH)
         return study_id

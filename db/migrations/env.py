@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
+import db.access  # noqa: F401  (puts the staff tables on Base.metadata)
 from db.models import Base
 
 config = context.config

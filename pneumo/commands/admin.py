@@ -1,4 +1,4 @@
-"""Commands for operators and staff: ``reprocess``, ``db upgrade``, ``status``, ``results``, ``send``.
+"""Commands for operators: ``reprocess``, ``db upgrade``, ``status``, ``send``, ``purge``.
 
 Each runs once and exits with a :class:`~pneumo.exit_codes.ExitCode`. In the
 embedded default, those that need the broker (``reprocess``, ``status``) start
@@ -23,13 +23,20 @@ from pneumo.exit_codes import ExitCode
 if TYPE_CHECKING:
     from pneumo.settings import Settings
 
-__all__ = ["cmd_db_upgrade", "cmd_reprocess", "cmd_results", "cmd_send", "cmd_status", "register"]
+__all__ = [
+    "cmd_db_upgrade",
+    "cmd_purge",
+    "cmd_reprocess",
+    "cmd_send",
+    "cmd_status",
+    "register",
+]
 
 log = logging.getLogger("pneumo")
 
 
 def register(subparsers: Any) -> None:
-    """Add ``reprocess``, ``db``, ``status``, ``results`` and ``send``."""
+    """Add ``reprocess``, ``db``, ``status``, ``purge`` and ``send``."""
     reprocess = subparsers.add_parser(
         "reprocess", help="queue stored studies again on the batch queue (e.g. new model)"
     )
@@ -47,12 +54,16 @@ def register(subparsers: Any) -> None:
     status.add_argument("--format", choices=("table", "json"), default="table")
     status.set_defaults(func=cmd_status)
 
-    results = subparsers.add_parser("results", help="recent results")
-    results.add_argument("--study-uid", default=None)
-    results.add_argument("--limit", type=int, default=50)
-    results.add_argument("--format", choices=("table", "json"), default="table")
-    results.add_argument("--paths", action="store_true", help="add the SR file path column")
-    results.set_defaults(func=cmd_results)
+    purge = subparsers.add_parser(
+        "purge",
+        help="delete spooled pixels of finished studies (retention)",
+        description="Delete the spooled DICOM files of studies that are done or "
+        "dead-lettered and were received more than DAYS ago. Result rows, result "
+        "files and the audit trail are kept; the studies cannot be reprocessed after.",
+    )
+    purge.add_argument("--older-than", type=float, required=True, metavar="DAYS")
+    purge.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    purge.set_defaults(func=cmd_purge)
 
     _register_send(subparsers)
 
@@ -108,6 +119,33 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     return code
 
 
+# --- retention ----------------------------------------------------------------------
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Delete spooled pixels of old finished studies; USAGE for a negative DAYS."""
+    from pneumo.settings import load_settings
+    from worker.retention import purge_spool
+
+    quiet_libraries(args)
+    if args.older_than < 0:
+        print("pneumo purge: --older-than must be >= 0 days", file=sys.stderr)
+        return ExitCode.USAGE
+    settings = load_settings()
+    report = purge_spool(
+        settings.effective_database_url,
+        settings.spool_dir,
+        older_than_days=args.older_than,
+        dry_run=args.dry_run,
+    )
+    verb = "would purge" if args.dry_run else "purged"
+    print(
+        f"{verb} {report.studies} study(ies): {report.instances_marked} instance(s), "
+        f"{report.files_deleted} file(s) deleted"
+    )
+    return ExitCode.OK
+
+
 # --- status and results -------------------------------------------------------------
 
 
@@ -154,50 +192,6 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
     else:
         print("recent errors: none")
-    return ExitCode.OK
-
-
-def _format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
-    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
-    lines.append("  ".join("-" * widths[c] for c in columns))
-    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
-    return "\n".join(lines)
-
-
-def cmd_results(args: argparse.Namespace) -> int:
-    """Print recent results as a table or JSON."""
-    from db import repository as repo
-    from db.engine import session_scope
-    from dicom_io.uids import require_uid
-    from pneumo.settings import load_settings
-
-    settings = load_settings()
-    study_uid = require_uid(args.study_uid, "--study-uid") if args.study_uid else None
-    with session_scope(settings.effective_database_url) as session:
-        rows = repo.recent_results(session, study_uid=study_uid, limit=args.limit)
-    if args.format == "json":
-        print(json.dumps([r.as_dict() for r in rows], indent=2))
-        return ExitCode.OK
-    if not rows:
-        print("no results")
-        return ExitCode.OK
-    table = [
-        {
-            "study_uid": r.study_uid,
-            "accession": r.accession_number or "",
-            "status": r.study_status,
-            "rev": r.revision,
-            "finding": "-" if r.finding is None else ("PNEUMONIA" if r.finding else "none"),
-            "probability": "-" if r.probability is None else f"{r.probability:.4f}",
-            "model": r.model,
-            "flags": ",".join(r.flags) or "-",
-            "delivery": ",".join(f"{d}:{s}" for d, s in r.deliveries) or "-",
-            **({"sr_file": r.sr_path or "-"} if args.paths else {}),
-        }
-        for r in rows
-    ]
-    print(_format_table(table, list(table[0])))
     return ExitCode.OK
 
 

@@ -38,6 +38,9 @@ def register(subparsers: Any) -> None:
         "up", help="embedded all-in-one: migrations, listener and a worker (Ctrl-C stops)"
     )
     up.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1)")
+    up.add_argument(
+        "--no-api", action="store_true", help="do not serve the staff API and worklist page"
+    )
     up.set_defaults(func=cmd_up)
 
     listen = subparsers.add_parser("listen", help="run the DICOM listener (C-STORE SCP)")
@@ -148,8 +151,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         "--concurrency", str(concurrency),
         "--hostname", hostname,
         "--loglevel", "DEBUG" if getattr(args, "verbose", False) else "INFO",
-        # No gossip, mingle or heartbeats yet: nothing reads them. (The embedded
-        # broker is Redis now, so they would work there too.)
+        # No gossip, mingle or event heartbeats: liveness is the database's
+        # worker_heartbeat row, written by the worker's own thread
+        # (worker.heartbeat) and read by the reconciler (worker.reconciler).
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
     app.worker_main(argv)
@@ -208,6 +212,39 @@ def _supervise(
         _terminate(worker, timeout=20.0)
 
 
+class _ApiServer:
+    """The staff API served from a thread of ``pneumo up`` (uvicorn, no signal handlers)."""
+
+    def __init__(self, settings: Settings) -> None:
+        import uvicorn
+
+        from pneumo.api.app import create_app
+        from pneumo.commands.staff import api_address
+
+        host, port = api_address(settings, None, None)
+        # No access log: query strings hold patient IDs.
+        config = uvicorn.Config(
+            create_app(settings), host=host, port=port, access_log=False, log_level="warning"
+        )
+        self.address = f"http://{host}:{port}"
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name="pneumo-api", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self._server.run()
+        except BaseException as exc:  # uvicorn exits with SystemExit when it cannot bind
+            log.error("staff API not served at %s (%s)", self.address, type(exc).__name__)
+
+    def start(self) -> None:
+        self._thread.start()
+        print(f"staff API and worklist at {self.address}/", flush=True)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10.0)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Migrations, the embedded broker, the listener and a worker; Ctrl-C stops them all."""
     from db.migrate import upgrade
@@ -222,9 +259,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         return ExitCode.UNAVAILABLE
     stop = threading.Event()
     _stop_on_signals(stop)
+    api = None if getattr(args, "no_api", False) else _ApiServer(settings)
     try:
+        if api is not None:
+            api.start()
         code = _supervise(args, _build_listener(settings), settings, stop)
     finally:
+        if api is not None:
+            api.stop()
         if settings.uses_embedded_broker:  # after the worker: it acks on its way out
             embedded_broker.stop(settings.data_dir)
     print("stopped", flush=True)

@@ -7,6 +7,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
+import db.access  # noqa: F401  (puts the staff tables on Base.metadata)
 from db import migrate
 from db.models import Base
 

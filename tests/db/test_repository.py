@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import socket
+import stat
+import time
+from dataclasses import replace
 from datetime import UTC, date, datetime
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from db import migrate
 from db import repository as repo
-from db.engine import session_scope
+from db.engine import CONNECT_TIMEOUT_SECONDS, make_engine, session_scope
 from db.models import (
     Delivery,
     DeliveryStatus,
@@ -167,3 +172,69 @@ def test_delivery_row_survives_repeat_and_counts_attempts(url: str) -> None:
         d = s.get(Delivery, did)
         assert (d.status, d.attempts, d.last_error) == (DeliveryStatus.SENT, 2, None)
         assert repo.studies_by_status(s) == {"queued": 1}
+
+
+def test_reused_sop_uid_in_another_study_is_refused_study_a_keeps_it(url: str) -> None:
+    other = "1.2.826.0.1.3680043.8.498.2"
+    with session_scope(url) as s:
+        kept = repo.record_instance(s, _instance(1))
+        claimed = replace(_instance(1), study_uid=other, series_uid=f"{other}.1", path="/b.dcm")
+        refused = repo.record_instance(s, claimed)
+    assert kept is not None and refused is None
+    with session_scope(url) as s:
+        row = s.execute(select(Instance)).scalar_one()
+        study_a = s.execute(select(Study).where(Study.study_uid == STUDY)).scalar_one()
+        study_b = s.execute(select(Study).where(Study.study_uid == other)).scalar_one()
+        assert (row.study_id, row.path) == (study_a.id, "/spool/1.dcm")
+        assert len(study_a.instances) == 1 and study_b.instances == []
+    with session_scope(url) as s:  # study A re-sending its own instance still refreshes it
+        assert repo.record_instance(s, replace(_instance(1), size=7)) == kept
+
+
+def test_sqlite_file_and_the_folder_created_for_it_are_private(tmp_path: Path) -> None:
+    database = tmp_path / "data" / "deeper" / "pneumo.db"
+    migrate.upgrade(f"sqlite:///{database}")
+    for folder in (database.parent, database.parent.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    for file in database.parent.iterdir():  # pneumo.db and its -wal/-shm
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600, file.name
+
+
+def test_postgres_connect_gives_up_after_the_timeout() -> None:
+    # A peer that accepts TCP but never answers (a hung server, a black-holed
+    # route): without connect_timeout the C-STORE handler would wait for ever.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        engine = make_engine(f"postgresql+psycopg://nobody@127.0.0.1:{port}/x")
+        started = time.monotonic()
+        with pytest.raises(OperationalError):
+            engine.connect()
+        elapsed = time.monotonic() - started
+        engine.dispose()
+    assert CONNECT_TIMEOUT_SECONDS - 1 <= elapsed < CONNECT_TIMEOUT_SECONDS + 5
+
+
+def test_purge_queries_pick_old_finished_studies_and_mark_once(url: str) -> None:
+    other = "1.2.826.0.1.3680043.8.498.3"
+    with session_scope(url) as s:
+        repo.record_instance(s, _instance(1))
+        repo.record_instance(s, _instance(2))
+        repo.record_instance(s, _instance(1, study=other))
+        for uid, status in ((STUDY, StudyStatus.DONE), (other, StudyStatus.PROCESSING)):
+            sid, _ = repo.mark_study_queued(s, uid, amended=False)
+            study = s.get(Study, sid)
+            study.status, study.received_at = status, datetime(2020, 1, 1, tzinfo=UTC)
+    cutoff = datetime.now(UTC)
+    with session_scope(url) as s:
+        (candidate,) = repo.studies_to_purge(s, cutoff)  # the processing study is not one
+        assert candidate.study_uid == STUDY
+        assert repo.studies_to_purge(s, datetime(2019, 1, 1, tzinfo=UTC)) == []
+        sops = [f"{STUDY}.1.1", f"{STUDY}.1.2"]
+        assert repo.mark_pixels_purged(s, candidate.study_id, sops) == 2
+        assert repo.mark_pixels_purged(s, candidate.study_id, sops) == 0  # already marked
+    with session_scope(url) as s:
+        assert repo.studies_to_purge(s, cutoff) == []
+        assert repo.study_pixels_purged(s, STUDY) and not repo.study_pixels_purged(s, other)
+        assert _count(url, Instance) == 3

@@ -79,3 +79,30 @@ def test_sanitized_copy_leaves_the_original_untouched() -> None:
 def test_fix_kinds_are_one_vocabulary() -> None:
     assert HeaderFix("PatientID", HeaderFixKind.NUL_STRIPPED).code == "nul-stripped:PatientID"
     assert str(HeaderFixKind.INVALID_DATE) == "invalid-da"
+
+
+def test_implicit_vr_file_is_repaired_too(tmp_path) -> None:
+    """Implicit VR Little Endian, the default transfer syntax, carries no VR on the wire."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPInstanceUID = generate_uid()
+    ds.PatientBirthDate = "19800231"
+    ds.PatientID = "ID\x00X"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path = tmp_path / "implicit.dcm"
+    ds.save_as(path, enforce_file_format=True)
+
+    read = pydicom.dcmread(path)
+    assert read.get_item("PatientBirthDate").VR is None  # raw, VR unknown until looked up
+    codes = {fix.code for fix in sanitize_header(read)}
+
+    assert codes == {"invalid-da:PatientBirthDate", "nul-stripped:PatientID"}
+    assert read.PatientBirthDate in ("", None)
+    assert read.PatientID == "IDX"

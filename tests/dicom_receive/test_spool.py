@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
+from datetime import UTC, datetime, timedelta
+
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
@@ -90,3 +94,30 @@ def test_store_layout_meta_and_duplicates(tmp_path):
         inst.path,
         "MODALITY",
     )
+
+
+def test_purge_study_keeps_files_written_after_the_cutoff_then_removes_empty_folders(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    study = "1.2.826.0.1.3680043.8.498.77"
+    old, late = make_instance(study, seed=1), make_instance(study, seed=2)
+    old_path = _store(spool, old).instance.path
+    os.utime(old_path, (time.time() - 3600, time.time() - 3600))  # received an hour ago
+    late_path = _store(spool, late).instance.path  # arrives while the purge decides
+
+    cutoff = datetime.now(UTC) - timedelta(minutes=30)
+    assert spool.purge_study(study, received_before=cutoff) == [str(old.SOPInstanceUID)]
+    assert not old_path.exists() and late_path.exists()
+    assert spool.purge_study(study) == [str(late.SOPInstanceUID)]
+    assert not spool.study_dir(study).exists()
+    assert spool.purge_study(study) == []  # repeating deletes nothing more
+    assert spool.study_uids_on_disk() == []
+
+
+def test_a_second_spool_on_a_live_root_leaves_writes_in_progress(tmp_path):
+    Spool(tmp_path / "spool")
+    in_progress = tmp_path / "spool" / ".incoming" / ".abc.part"
+    in_progress.write_bytes(b"being written by the listener")
+    Spool(tmp_path / "spool", clean_incoming=False)  # e.g. pneumo purge
+    assert in_progress.exists()
+    Spool(tmp_path / "spool")  # the listener restarting: a crash's leftover
+    assert not in_progress.exists()

@@ -1,4 +1,4 @@
-"""`pneumo up` runs the embedded stack in one command and stops cleanly on Ctrl-C.
+"""`pneumo up` runs the embedded stack (and serves the staff API) in one command and stops cleanly on Ctrl-C.
 
 Started as a subprocess (ephemeral port, temporary data dir, no servers), it
 receives a study over DICOM, produces the result, delivers the SR; SIGINT then
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -28,9 +29,13 @@ def test_up_end_to_end_and_ctrl_c(e2e, procs, pacs, predictor, shared_data, tmp_
 
     port = e2e.free_port()
     data_dir = tmp_path / "data"
-    env = e2e.pneumo_env(data_dir, port, pacs)
+    api_port = e2e.free_port()
+    env = {**e2e.pneumo_env(data_dir, port, pacs), "PNEUMO_API_PORT": str(api_port)}
     up = procs.start("up", e2e.pneumo("up"), env)
     e2e.wait_until(lambda: e2e.port_open(port), 60, "the listener port\n" + e2e.logs(tmp_path))
+    e2e.wait_until(lambda: e2e.port_open(api_port), 30, "the API port\n" + e2e.logs(tmp_path))
+    with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/api/health", timeout=10) as health:
+        assert health.status == 200  # `pneumo up` serves the staff API too
 
     study_uid = generate_uid()
     jpeg = sorted((shared_data / "kermany" / "test" / "PNEUMONIA").glob("*.jpeg"))[1]

@@ -95,7 +95,7 @@ def test_commands_return_the_shared_exit_codes(
         (["reprocess", "--study-uid", "1.2.3"], "admin"),
         (["db", "upgrade"], "admin"),
         (["status", "--format", "json"], "admin"),
-        (["results", "--paths"], "admin"),
+        (["results", "--paths"], "staff"),
         (["send", "x", "--to", "PACS@h:104"], "admin"),
     ],
 )

@@ -15,6 +15,11 @@ from pathlib import Path
 
 import pytest
 
+# The end-to-end stack's fixtures (processes stopped at teardown, a DCMTK
+# storescp PACS, the model weights check), for the fault tests that run it.
+from tests.e2e.conftest import pacs, predictor, procs  # noqa: F401
+from tests.reliability.services import PrivatePostgres, PrivateRedis, WorkerProcesses
+
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
@@ -48,3 +53,34 @@ def fill(fs: Path, leave_bytes: int) -> Path:
         handle.flush()
         os.fsync(handle.fileno())
     return ballast
+
+
+# --- private services and workers (tests.reliability.services) ----------------------
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A running ``redis-server`` of this test's own (append-only), stopped at teardown."""
+    server = PrivateRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A running PostgreSQL cluster of this test's own, destroyed at teardown."""
+    cluster = PrivatePostgres()
+    try:
+        cluster.init()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[WorkerProcesses]:
+    """Start ``pneumo worker`` processes; every one is stopped at teardown."""
+    processes = WorkerProcesses(tmp_path)
+    yield processes
+    processes.close()

@@ -3,6 +3,8 @@ right queue, and a broker failure raised (so the listener keeps the study)."""
 
 from __future__ import annotations
 
+import socket
+import time
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -12,14 +14,16 @@ import pytest
 from celery import Celery
 from kombu.exceptions import OperationalError
 from pydicom.uid import generate_uid
+from sqlalchemy.exc import SQLAlchemyError
 
 from db import migrate
-from db.engine import session_scope
+from db.engine import CONNECT_TIMEOUT_SECONDS, session_scope
 from db.models import Instance, Study, StudyStatus
 from dicom_io.assembly import ReadyStudy
 from dicom_io.spool import SpooledInstance
 from pneumo.settings import Settings
 from tests.conftest import need_shared
+from tests.db.postgres import throwaway_database
 from tests.paths import DICOM_DATA
 from worker.app import create_app, queue_depths
 from worker.config import WorkerConfig
@@ -40,6 +44,7 @@ def _spooled(tmp_path: Path) -> SpooledInstance:
     ds = pydicom.dcmread(CXR)
     ds.StudyInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
     ds.AccessionNumber, ds.StudyDate = "ACC42", "20240102"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "x.dcm"
     ds.save_as(path)
     return SpooledInstance(
@@ -90,3 +95,67 @@ def test_broker_failure_is_raised_not_swallowed(config: WorkerConfig, tmp_path: 
     with session_scope(config.database_url) as session:
         # Recorded before the publish: the listener's retry finds it again.
         assert session.query(Study).one().study_uid == instance.study_uid
+
+
+@pytest.mark.postgres
+def test_nul_and_overlong_ids_are_cleaned_and_the_study_queued_on_postgres(
+    embedded_redis: Path, postgres_url: str, tmp_path: Path
+) -> None:
+    # PostgreSQL refuses NUL in text: unsanitised, the listener's retry would
+    # fail the same way for ever and the study would never be queued.
+    with throwaway_database(postgres_url) as pg:
+        config = Settings(data_dir=embedded_redis, database_url=pg).worker_config()
+        migrate.upgrade(config.database_url)
+        instance = _spooled(tmp_path)
+        ds = pydicom.dcmread(instance.path)
+        ds.PatientID = "PID\x00" + "7" * 80
+        ds.AccessionNumber = "A\x00CC" + "9" * 30
+        ds.StudyDate = "1980-01-02"  # not a DA
+        ds.save_as(instance.path)
+        intake = Intake(config=config, app=create_app(config))
+        intake.on_instance_stored(instance)
+        intake.on_study_ready(ReadyStudy(instance.study_uid, (instance,), False, "quiet"))
+        with session_scope(config.database_url) as session:
+            study = session.query(Study).one()
+            assert study.status is StudyStatus.QUEUED
+            assert study.patient_id == ("PID" + "7" * 80)[:64]
+            assert study.accession_number == ("ACC" + "9" * 30)[:16]
+            assert study.study_date is None
+
+
+def test_sop_uid_of_another_study_is_refused_and_the_first_keeps_it(
+    config: WorkerConfig, tmp_path: Path
+) -> None:
+    intake = Intake(config=config, app=create_app(config))
+    first = _spooled(tmp_path / "a")
+    reused = replace(first, study_uid=generate_uid(), path=tmp_path / "b.dcm")
+    reused.path.write_bytes(first.path.read_bytes())
+    intake.on_study_ready(ReadyStudy(first.study_uid, (first,), False, "quiet"))
+    intake.on_instance_stored(reused)
+    intake.on_study_ready(ReadyStudy(reused.study_uid, (reused,), False, "quiet"))  # no raise
+    with session_scope(config.database_url) as session:
+        studies = {s.study_uid: s for s in session.query(Study)}
+        assert [i.path for i in studies[first.study_uid].instances] == [str(first.path)]
+        assert studies[reused.study_uid].instances == []
+        assert studies[reused.study_uid].status is StudyStatus.QUEUED  # ends no-usable-image
+
+
+def test_a_database_outage_costs_one_connect_timeout_not_one_per_c_store(
+    config: WorkerConfig, tmp_path: Path
+) -> None:
+    # A database host that accepts TCP and never answers (the slowest outage).
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"postgresql+psycopg://nobody@127.0.0.1:{silent.getsockname()[1]}/x"
+        intake = Intake(config=replace(config, database_url=url), app=create_app(config))
+        instance = _spooled(tmp_path)
+        started = time.monotonic()
+        with pytest.raises(SQLAlchemyError):
+            intake.on_instance_stored(instance)  # the listener logs it, still answers Success
+        first = time.monotonic() - started
+        started = time.monotonic()
+        for _ in range(5):
+            intake.on_instance_stored(instance)  # skipped: on_study_ready records them later
+        rest = time.monotonic() - started
+    assert first < CONNECT_TIMEOUT_SECONDS + 5 and rest < 0.5

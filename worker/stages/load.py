@@ -1,4 +1,9 @@
-"""Stage 1, load: the study's instance rows from the database, each file parsed from the spool.
+"""Stage 1, load: the study's instance rows from the database, each file's header from the spool.
+
+Only headers are read here (:func:`dicom_io.part10.read_header`: parsing stops
+before Pixel Data), so an instance that selection skips, a CT series or a
+lateral view, costs its header only; stage 2 decodes the pixels of the
+selected instances alone, from ``LoadedInstance.path``.
 
 Received headers are not trusted: each parsed data set is repaired in place by
 :func:`dicom_io.sanitize.sanitize_header` (invalid dates and times blanked, NULs
@@ -10,11 +15,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import pydicom
 from pydicom.dataset import Dataset
 
 from db import repository as repo
 from db.engine import session_scope
+from dicom_io.part10 import read_header
 from dicom_io.sanitize import sanitize_header
 from dicom_io.selection import SkipReason
 from dicom_io.uids import require_uid
@@ -35,6 +40,8 @@ class LoadedInstance:
     """:attr:`SkipReason.UNREADABLE` exactly when ``dataset`` is None."""
     header_fixes: tuple[str, ...] = ()
     """What the sanitiser repaired, as ``<kind>:<attribute>`` codes (never values)."""
+    path: str | None = None
+    """The spooled file, whose pixels stage 2 reads when ``dataset`` holds the header only."""
 
 
 @dataclass(frozen=True)
@@ -53,20 +60,27 @@ class LoadedStudy:
 
 
 def parse_instance(file: repo.InstanceFile) -> LoadedInstance:
-    """Parse and sanitise one spooled file; a missing or corrupt file gives a reason, not an error."""
+    """Read and sanitise one spooled file's header (no pixels).
+
+    A missing or corrupt file gives a reason, not an error.
+    """
     try:
-        ds = pydicom.dcmread(file.path, force=True)
+        ds = read_header(file.path)
         fixes = tuple(fix.code for fix in sanitize_header(ds))
     except Exception as exc:  # a header too broken to repair is as good as unreadable
         log.warning("instance %s unreadable: %s", file.sop_instance_uid, type(exc).__name__)
-        return LoadedInstance(file.instance_id, file.sop_instance_uid, None, SkipReason.UNREADABLE)
+        return LoadedInstance(
+            file.instance_id, file.sop_instance_uid, None, SkipReason.UNREADABLE, path=file.path
+        )
     if fixes:
         log.info("instance %s: header repaired: %s", file.sop_instance_uid, ",".join(fixes))
-    return LoadedInstance(file.instance_id, file.sop_instance_uid, ds, header_fixes=fixes)
+    return LoadedInstance(
+        file.instance_id, file.sop_instance_uid, ds, header_fixes=fixes, path=file.path
+    )
 
 
 def load_study(database_url: str, study_id: int, revision: int) -> LoadedStudy:
-    """Load ``study_id`` with every instance file parsed (pixel data included).
+    """Load ``study_id`` with every instance file's header parsed (pixels are left on disk).
 
     Raises:
         LookupError: no study row has ``study_id``.

@@ -1,7 +1,8 @@
 """Stage 2, select and read: keep the frontal chest radiographs, decode their pixels.
 
 Selection is header-only (:func:`dicom_io.selection.select_instance`); only the
-selected instances are decoded. Every instance left out keeps a
+selected instances are decoded, their pixels read from the spooled file here
+(stage 1 read the headers alone). Every instance left out keeps a
 :class:`~dicom_io.selection.SkipReason` code.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from dicom_io.pixels import PixelErrorKind, PixelReadError, read_pixels
+from dicom_io.pixels import PixelErrorKind, PixelReadError, read_pixels, read_pixels_file
 from dicom_io.selection import SkipReason, select_instance
 from worker.predictor import Image
 from worker.stages.load import LoadedInstance, LoadedStudy
@@ -55,12 +56,25 @@ def _select(item: LoadedInstance) -> str | None:
     return select_instance(item.dataset).reason
 
 
+def _decode(item: LoadedInstance, max_pixels_bits: int) -> Image:
+    """The instance's pixels: from its data set when it holds them, else from its file.
+
+    Raises:
+        PixelReadError: the pixels cannot become a model input (or the file
+            can no longer be read: ``unreadable``).
+    """
+    assert item.dataset is not None
+    if "PixelData" in item.dataset or item.path is None:
+        return read_pixels(item.dataset, max_pixels_bits=max_pixels_bits)
+    return read_pixels_file(item.path, max_pixels_bits=max_pixels_bits)
+
+
 def read_image(item: LoadedInstance, max_pixels_bits: int) -> ReadInstance:
     """Decode a selected instance; a decode failure skips it, never fails the study."""
     if item.dataset is None:
         return ReadInstance(item, None, item.skip_reason or SkipReason.UNREADABLE)
     try:
-        image = read_pixels(item.dataset, max_pixels_bits=max_pixels_bits)
+        image = _decode(item, max_pixels_bits)
     except PixelReadError as exc:
         return ReadInstance(item, None, SkipReason.undecodable(exc.kind))
     except Exception as exc:  # a decoder bug must not fail the whole study
