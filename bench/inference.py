@@ -37,8 +37,9 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 BATCH_SIZES = (1, 8, 32)
 
 
-def _best_rates(fns: dict[str, Callable[[], object]], batch: int, rounds: int,
-                round_seconds: float) -> dict[str, tuple[float, float]]:
+def _best_rates(
+    fns: dict[str, Callable[[], object]], batch: int, rounds: int, round_seconds: float
+) -> dict[str, tuple[float, float]]:
     """Best (wall-clock, CPU-time) images/s of each ``fn`` over ``rounds`` rounds.
 
     One call = ``batch`` images. The functions are interleaved round by round
@@ -95,16 +96,18 @@ peak = hwm_kb()
 print(json.dumps({{"python_torch_kb": base, "loaded_kb": loaded, "peak_kb": peak,
                    "load_seconds": load_s, "input_mb": 32 * 1024 * 1024 * 4 / 1e6}}))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", type=Path, help="weights file (default: the shipped one)")
-    parser.add_argument("--seconds", type=float, default=4.0,
-                        help="timing budget per cell, split over the rounds")
+    parser.add_argument(
+        "--seconds", type=float, default=4.0, help="timing budget per cell, split over the rounds"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per cell")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     args = parser.parse_args(argv)
@@ -123,17 +126,23 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     load0 = os.getloadavg()
 
-    print(f"model {predictor.info.name} {predictor.info.version}  weights {weights.name} "
-          f"({weights.stat().st_size / 1e6:.1f} MB)  input {size}x{size}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu, "
-          f"network parameters {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M")
+    print(
+        f"model {predictor.info.name} {predictor.info.version}  weights {weights.name} "
+        f"({weights.stat().st_size / 1e6:.1f} MB)  input {size}x{size}"
+    )
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu, "
+        f"network parameters {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M"
+    )
     print()
     # forward: bare network on the batch; forward x2: on batch + its mirror, the work
     # predict() does for its test-time augmentation; ratio = predict / forward (the
     # issue's figure); vs x2 = predict / forward x2 (overhead beyond the network).
-    header = (f"{'batch':>5} | {'forward img/s':>13} | {'forward x2 img/s':>16} | "
-              f"{'predict img/s':>13} | {'ratio':>5} | {'vs x2':>5} | "
-              f"{'predict@1024²':>14} | {'ratio':>5}")
+    header = (
+        f"{'batch':>5} | {'forward img/s':>13} | {'forward x2 img/s':>16} | "
+        f"{'predict img/s':>13} | {'ratio':>5} | {'vs x2':>5} | "
+        f"{'predict@1024²':>14} | {'ratio':>5}"
+    )
     print(header)
     print("-" * len(header))
     cpu_lines = []
@@ -148,18 +157,25 @@ def main(argv: list[str] | None = None) -> int:
                 net(t)
 
         rates = _best_rates(
-            {"forward": forward,
-             "forward_x2": lambda: forward(x2),
-             "small": lambda: predictor.predict(small),
-             "large": lambda: predictor.predict(large)},
-            batch, args.rounds, args.seconds / args.rounds)
+            {
+                "forward": forward,
+                "forward_x2": lambda x2=x2: forward(x2),
+                "small": lambda small=small: predictor.predict(small),
+                "large": lambda large=large: predictor.predict(large),
+            },
+            batch,
+            args.rounds,
+            args.seconds / args.rounds,
+        )
         for clock, lines in ((0, None), (1, cpu_lines)):
             fwd = rates["forward"][clock]
             fwd2 = rates["forward_x2"][clock]  # counted per original image (batch per call)
             small_r, large_r = rates["small"][clock], rates["large"][clock]
-            line = (f"{batch:>5} | {fwd:>13.1f} | {fwd2:>16.1f} | {small_r:>13.1f} | "
-                    f"{small_r / fwd:>5.2f} | {small_r / fwd2:>5.2f} | "
-                    f"{large_r:>14.1f} | {large_r / fwd:>5.2f}")
+            line = (
+                f"{batch:>5} | {fwd:>13.1f} | {fwd2:>16.1f} | {small_r:>13.1f} | "
+                f"{small_r / fwd:>5.2f} | {small_r / fwd2:>5.2f} | "
+                f"{large_r:>14.1f} | {large_r / fwd:>5.2f}"
+            )
             if lines is None:
                 print(line, flush=True)
             else:
@@ -169,16 +185,20 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     print("\n".join(cpu_lines))
     load = os.getloadavg()
-    print(f"\nload average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
-          f"(at the start {load0[0]:.2f}); figures are the best of {args.rounds} interleaved "
-          "rounds")
+    print(
+        f"\nload average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
+        f"(at the start {load0[0]:.2f}); figures are the best of {args.rounds} interleaved "
+        "rounds"
+    )
 
     rss = _child_rss(weights, args.threads)
     print()
-    print(f"fresh process: python+numpy+torch {rss['python_torch_kb'] / 1024:.0f} MiB, "
-          f"after load_predictor {rss['loaded_kb'] / 1024:.0f} MiB "
-          f"(load {rss['load_seconds']:.2f} s), peak after predict(32 x 1024^2 float32, "
-          f"{rss['input_mb']:.0f} MB of input) {rss['peak_kb'] / 1024:.0f} MiB")
+    print(
+        f"fresh process: python+numpy+torch {rss['python_torch_kb'] / 1024:.0f} MiB, "
+        f"after load_predictor {rss['loaded_kb'] / 1024:.0f} MiB "
+        f"(load {rss['load_seconds']:.2f} s), peak after predict(32 x 1024^2 float32, "
+        f"{rss['input_mb']:.0f} MB of input) {rss['peak_kb'] / 1024:.0f} MiB"
+    )
     return 0
 
 

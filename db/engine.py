@@ -9,13 +9,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = [
     "CONNECT_TIMEOUT_SECONDS",
     "SQLITE_BUSY_TIMEOUT_SECONDS",
+    "check_connection",
     "get_engine",
     "make_engine",
     "session_factory",
@@ -109,3 +110,12 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def check_connection(session: Session) -> None:
+    """Round-trip one trivial statement: the database answers (health checks).
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: the database cannot be reached or refused it.
+    """
+    session.execute(text("SELECT 1"))

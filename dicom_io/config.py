@@ -14,6 +14,7 @@ from pathlib import Path
 __all__ = [
     "ALLOW_ANY_AE",
     "DEFAULT_MAX_INFLATED_BYTES",
+    "AllowedPeer",
     "Destination",
     "ListenerConfig",
     "TLSConfig",
@@ -94,6 +95,82 @@ class TLSConfig:
     require_client_cert: bool = False
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _peer_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The peer's IP address, an IPv4-mapped IPv6 address as IPv4; None if not an IP."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+@dataclass(frozen=True)
+class AllowedPeer:
+    """One entry of the calling-AE allow-list, written ``AE`` or ``AE@address``.
+
+    ``address`` is an IP address or a CIDR network, IPv4 or IPv6
+    (``PACS@10.1.2.3``, ``PACS@10.1.0.0/16``, ``PACS@fd00::/64``); without it
+    the AE title may call from any address. Several entries may name the same
+    AE title: a caller is allowed when any entry matches. ``*`` (any AE title)
+    takes no address.
+
+    Raises:
+        ValueError: an invalid AE title or address, or ``*@address``.
+    """
+
+    ae_title: str
+    network: IPNetwork | None = None  # None = any address
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ae_title", validate_ae_title(self.ae_title))
+        if self.ae_title == ALLOW_ANY_AE and self.network is not None:
+            raise ValueError(
+                f"{ALLOW_ANY_AE!r} accepts any caller from any address and takes no @address"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> AllowedPeer:
+        """Parse ``AE`` or ``AE@address`` (an IP address or a CIDR network).
+
+        Raises:
+            ValueError: ``text`` is not of that form, or a part is invalid.
+        """
+        stripped = text.strip()
+        if "@" not in stripped:
+            return cls(stripped)
+        # The last "@" separates the address (an AE title may hold "@", an address not).
+        title, _, address = stripped.rpartition("@")
+        try:
+            network = ipaddress.ip_network(address.strip(), strict=True)
+        except ValueError:
+            raise ValueError(
+                "allowed peer address is not an IP address or CIDR network "
+                "(e.g. AE@10.1.2.3, AE@10.1.0.0/16; host bits must be zero)"
+            ) from None
+        return cls(title, network)
+
+    def allows(self, ae_title: str, address: str) -> bool:
+        """True when a caller ``ae_title`` connecting from ``address`` matches this entry."""
+        if ae_title.strip() != self.ae_title and self.ae_title != ALLOW_ANY_AE:
+            return False
+        if self.network is None:
+            return True
+        ip = _peer_ip(address)
+        return ip is not None and ip.version == self.network.version and ip in self.network
+
+    def __str__(self) -> str:
+        if self.network is None:
+            return self.ae_title
+        net = self.network
+        addr = str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+        return f"{self.ae_title}@{addr}"
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -110,10 +187,13 @@ class ListenerConfig:
     Secure by default: bound to anything but a loopback address, the listener
     needs an allow-list of calling AE titles (``allowed_aets``), or ``{"*"}``
     (:data:`ALLOW_ANY_AE`) to accept any caller explicitly. An empty allow-list
-    on loopback accepts any caller.
+    on loopback accepts any caller. Each entry is ``AE`` (from any address) or
+    ``AE@address`` (an IP address or CIDR network, see :class:`AllowedPeer`);
+    entries are normalised to that text, parsed into ``allowed_peers``.
 
     Raises:
-        ValueError: an invalid AE title, a non-loopback ``host`` with an empty
+        ValueError: an invalid AE title or peer address, ``*`` beside
+            ``AE@address`` entries, a non-loopback ``host`` with an empty
             ``allowed_aets``, a ``tls.ca_file`` without
             ``tls.require_client_cert`` (or the reverse), or a limit out of range;
             the message names the field.
@@ -131,14 +211,24 @@ class ListenerConfig:
     study_quiet_seconds: float = 5.0
     study_release_grace_seconds: float = 1.0
     tls: TLSConfig | None = None
+    # Parsed from ``allowed_aets``.
+    allowed_peers: frozenset[AllowedPeer] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ae_title", validate_ae_title(self.ae_title))
         try:
-            allowed = frozenset(validate_ae_title(a) for a in self.allowed_aets)
-        except ValueError:
-            raise ValueError("ListenerConfig.allowed_aets holds an invalid AE title") from None
+            peers = frozenset(AllowedPeer.parse(a) for a in self.allowed_aets)
+        except ValueError as exc:
+            # No entry echoed: the message names the field and the rule only.
+            raise ValueError(f"ListenerConfig.allowed_aets holds an invalid entry: {exc}") from None
+        if any(p.ae_title == ALLOW_ANY_AE for p in peers) and any(p.network for p in peers):
+            raise ValueError(
+                f"ListenerConfig.allowed_aets: {ALLOW_ANY_AE!r} accepts any caller from any "
+                "address, so AE@address entries beside it would restrict nothing"
+            )
+        allowed = frozenset(str(p) for p in peers)
         object.__setattr__(self, "allowed_aets", allowed)
+        object.__setattr__(self, "allowed_peers", peers)
         if not allowed and not _is_loopback(self.host):
             raise ValueError(
                 "ListenerConfig.allowed_aets is empty but host is not a loopback address: "
@@ -163,3 +253,19 @@ class ListenerConfig:
     def allows_any_calling_ae(self) -> bool:
         """True when any calling AE title may associate (empty allow-list or ``*``)."""
         return not self.allowed_aets or ALLOW_ANY_AE in self.allowed_aets
+
+    @property
+    def allowed_calling_aets(self) -> frozenset[str]:
+        """The AE titles of the allow-list, without addresses."""
+        return frozenset(p.ae_title for p in self.allowed_peers)
+
+    @property
+    def restricts_peer_addresses(self) -> bool:
+        """True when some allowed AE title may call only from given addresses."""
+        return any(p.network is not None for p in self.allowed_peers)
+
+    def allows_peer(self, ae_title: str, address: str) -> bool:
+        """True when calling AE ``ae_title`` may associate from IP ``address``."""
+        if self.allows_any_calling_ae:
+            return True
+        return any(p.allows(ae_title, address) for p in self.allowed_peers)

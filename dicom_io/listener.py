@@ -23,7 +23,9 @@
   rejected permanently (result 1, source 1 "service user", reason 3
   "calling AE title not recognized") when an allow-list is configured (``*``
   in it accepts any caller; ``ListenerConfig`` requires one or the other
-  beyond loopback); when
+  beyond loopback). An allowed AE title calling from an address its
+  ``AE@address`` entries do not cover is rejected the same way (checked on
+  EVT_REQUESTED, before negotiation; see ``ListenerConfig.allows_peer``); when
   the spool's free space falls below the reserve, or the association limit is
   reached, the association is rejected *transiently* (result 2, source 3,
   reason 2 "local limit exceeded") so the sender retries later.
@@ -234,7 +236,8 @@ class Listener:
         ae.maximum_associations = self.config.max_associations
         ae.maximum_pdu_size = self.config.max_pdu
         if not self.config.allows_any_calling_ae:
-            ae.require_calling_aet = sorted(self.config.allowed_aets)
+            # Titles only; the address of each is checked in _handle_requested.
+            ae.require_calling_aet = sorted(self.config.allowed_calling_aets)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for uid in storage_sop_classes():
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
@@ -260,6 +263,8 @@ class Listener:
             (evt.EVT_CONN_CLOSE, self._handle_closed),
             (evt.EVT_REJECTED, self._handle_rejected),
         ]
+        if self.config.restricts_peer_addresses:
+            handlers.append((evt.EVT_REQUESTED, self._handle_requested))
         ssl_context = build_ssl_context(self.config.tls) if self.config.tls else None
         try:
             self._server = ae.start_server(
@@ -388,6 +393,35 @@ class Listener:
 
     def _handle_closed(self, event: Any) -> None:
         self.assembler.association_closed(id(event.assoc))
+
+    def _handle_requested(self, event: Any) -> None:
+        """Reject an allowed calling AE title calling from an address not allowed for it.
+
+        EVT_REQUESTED runs before pynetdicom's own negotiation, which is skipped
+        once the association is rejected here. Fails closed: any error rejects.
+        """
+        assoc = event.assoc
+        try:
+            calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+            if calling not in self.config.allowed_calling_aets:
+                return  # an unknown AE title: pynetdicom's require_calling_aet rejects it
+            address = str(assoc.requestor.address)
+            allowed = self.config.allows_peer(calling, address)
+        except Exception as exc:  # never accept because the check itself failed
+            calling, address, allowed = "?", "?", False
+            log.error("peer address check failed (%s): rejecting", type(exc).__name__)
+        if allowed:
+            return
+        # AE title and IP address only: no PHI in an association request.
+        log.warning(
+            "association from %s at %s rejected: address not allowed for this AE title",
+            calling,
+            address,
+        )
+        # Permanent, service user, "calling AE title not recognised" (PS3.8
+        # §7.1.1.9): the answer an unknown AE title gets.
+        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        assoc.kill()
 
     def _handle_rejected(self, event: Any) -> None:
         log.warning("association from %s rejected", str(event.assoc.requestor.ae_title).strip())

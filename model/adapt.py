@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from model.calibration import apply_temperature
-from model.inference import Predictor, sha256_file
+from model.inference import Predictor, read_weights_file, sha256_file
 from model.network import PneumoNet, tta_forward
 from model.preprocess import to_model_batch
 
@@ -126,7 +126,7 @@ def adapt_weights(
         raise ValueError(f"images: need at least {_MIN_IMAGES} to estimate statistics")
     if out.resolve() == weights.resolve():
         raise ValueError("out: must not overwrite the source weights file")
-    payload: dict[str, Any] = torch.load(weights, map_location="cpu", weights_only=False)
+    payload: dict[str, Any] = read_weights_file(weights)
     source = Predictor(weights, device="cpu", batch_size=batch_size)
     size = source.info.input_size
     batches = [

@@ -33,9 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from model.inference import sha256_file
+from model.inference import read_weights_file, sha256_file
 
 __all__ = [
     "INTENDED_USE",
@@ -119,7 +117,7 @@ def target_status(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def experiment_row(name: str, weights: Path, *, saw_test: bool = False) -> dict[str, Any]:
     """One row of the experiment table, from what a candidate's weights file recorded."""
-    payload = torch.load(Path(weights), map_location="cpu", weights_only=False)
+    payload = read_weights_file(Path(weights))
     tr = payload.get("training", {})
     plain, shifted = tr.get("validation") or {}, tr.get("validation_perturbed") or {}
     cfg = tr.get("config", {})
@@ -147,7 +145,7 @@ def build_card(
 ) -> dict[str, Any]:
     """The card as a JSON-ready dict."""
     weights = Path(weights)
-    payload = torch.load(weights, map_location="cpu", weights_only=False)
+    payload = read_weights_file(weights)
     n_params = int(
         sum(
             v.numel()

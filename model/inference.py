@@ -18,10 +18,12 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy._core.multiarray import _reconstruct  # what a pickled ndarray is rebuilt by
 
 from model.network import NetConfig, PneumoNet, build_network, tta_forward
 from model.ood import OODModel
@@ -36,6 +38,7 @@ __all__ = [
     "default_weights_path",
     "load_predictor",
     "pick_device",
+    "read_weights_file",
     "sha256_file",
 ]
 
@@ -108,6 +111,33 @@ def default_weights_path() -> Path:
     return candidates[-1]
 
 
+# What a pneumo weights file or training checkpoint may hold besides tensors:
+# the OOD guard's statistics are numpy arrays. Nothing else is unpickled.
+_NUMPY_GLOBALS: list[Any] = [
+    _reconstruct,
+    np.ndarray,
+    np.dtype,
+    np.dtypes.Float32DType,
+    np.dtypes.Float64DType,
+    np.dtypes.Int64DType,
+]
+
+
+def read_weights_file(path: Path | str, map_location: str | torch.device = "cpu") -> Any:
+    """Load a weights file or checkpoint with ``torch.load(weights_only=True)``.
+
+    A ``.pt`` file is a pickle: loaded without ``weights_only`` it can run
+    arbitrary code. Only tensors, plain containers and the numpy array types
+    our files carry are accepted.
+
+    Raises:
+        FileNotFoundError: no such file.
+        pickle.UnpicklingError: the file holds anything else (or is corrupt).
+    """
+    with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def pick_device(device: str | None = None) -> torch.device:
     """``device`` when given (not empty), else CUDA when present, else the CPU."""
     if device:
@@ -121,7 +151,7 @@ class Predictor:
     def __init__(self, weights: Path, device: str | None = None, batch_size: int = 16) -> None:
         weights = Path(weights)
         try:
-            payload = torch.load(weights, map_location="cpu", weights_only=False)
+            payload = read_weights_file(weights)
         except FileNotFoundError as exc:
             raise WeightsError(f"weights file not found: {weights}") from exc
         except Exception as exc:  # corrupt file, wrong format

@@ -64,7 +64,7 @@ from model.calibration import (
     fit_platt,
     threshold_for_sensitivity,
 )
-from model.inference import pick_device
+from model.inference import pick_device, read_weights_file
 from model.metrics import expected_calibration_error
 from model.network import NetConfig, PneumoNet, build_network, tta_forward
 from model.ood import fit_ood
@@ -420,7 +420,7 @@ def run_training(config: TrainConfig) -> Path:
     start_epoch, best_auc, best_epoch, history = 0, -1.0, -1, []
     train_seconds = 0.0
     if cfg.resume and last_ckpt.exists():
-        state = torch.load(last_ckpt, map_location=device, weights_only=False)
+        state = read_weights_file(last_ckpt, map_location=device)
         if state.get("config_key") == _config_key(cfg):
             net.load_state_dict(state["net"])
             ema.load_state_dict(state["ema"])
@@ -540,7 +540,7 @@ def run_training(config: TrainConfig) -> Path:
         tmp.replace(last_ckpt)  # atomic: an interruption never leaves a half checkpoint
 
     if best_ckpt.exists():
-        ema.load_state_dict(torch.load(best_ckpt, map_location=device)["ema"])
+        ema.load_state_dict(read_weights_file(best_ckpt, map_location=device)["ema"])
     ema.eval()
     return _calibrate_and_export(
         cfg,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 __all__ = ["build_parser", "main"]
@@ -15,9 +14,10 @@ __all__ = ["build_parser", "main"]
 # Sub-command modules, in the order their commands are listed in ``--help``.
 _COMMAND_MODULES = (
     "pneumo.commands.service",  # up, listen, worker
-    "pneumo.commands.admin",  # reprocess, db, status, results, send
+    "pneumo.commands.admin",  # db, status, send, purge
     "pneumo.commands.model",  # train, evaluate
-    "pneumo.commands.staff",  # api, tokens, audit, feedback
+    "pneumo.commands.staff",  # results, api, tokens, audit, feedback
+    "pneumo.commands.operator",  # reprocess, batches, models
     "pneumo.commands.health",  # ping (listener, worker, api): health checks
 )
 
@@ -54,10 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     _keep_phi_out_of_logs()
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from pneumo.logs import configure_logging
+
+    try:
+        from pneumo.settings import load_settings
+
+        log_format = load_settings().log_format
+    except Exception:  # invalid settings: the command itself reports them
+        log_format = "text"
+    configure_logging(verbose=args.verbose, log_format=log_format)
     return int(args.func(args) or 0)
 
 

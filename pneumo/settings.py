@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -23,7 +23,13 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from dicom_io.config import Destination, ListenerConfig, TLSConfig, validate_ae_title
+from dicom_io.config import (
+    AllowedPeer,
+    Destination,
+    ListenerConfig,
+    TLSConfig,
+    validate_ae_title,
+)
 from worker import embedded_broker
 from worker.config import WorkerConfig
 
@@ -65,6 +71,15 @@ class Settings(BaseSettings):
     # --- staff API ---------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)
+
+    # --- observability (pneumo.metrics, pneumo.logs) -------------------------
+    log_format: Literal["text", "json"] = "text"
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="`pneumo listen` serves its counters on /metrics here (on `host`); 0 = off",
+    )
 
     # --- storage and services --------------------------------------------
     data_dir: Path = Path("./var")
@@ -112,7 +127,8 @@ class Settings(BaseSettings):
     @field_validator("allowed_aets", mode="before")
     @classmethod
     def _split_aets(cls, value: Any) -> Any:
-        return [validate_ae_title(v) for v in _comma_list(value)]
+        # "AE" or "AE@address" (IP or CIDR network), normalised: PACS@10.1.0.0/16
+        return [str(AllowedPeer.parse(v)) for v in _comma_list(value)]
 
     @field_validator("destinations", mode="before")
     @classmethod

@@ -8,7 +8,11 @@ into a skip with a reason when it is missing.
 from __future__ import annotations
 
 import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +34,39 @@ def need_shared(path: Path = SHARED) -> Path:
     if not path.exists():
         pytest.skip(f"shared data not present ({path.name})")
     return path
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def serve_app(app: Any) -> Iterator[str]:
+    """Serve an ASGI ``app`` with a real uvicorn on a free loopback port; yield its base URL.
+
+    A generator: use it as a fixture body (``yield from serve_app(app)``) or
+    with ``next()`` to start and ``next(gen, None)`` to stop.
+    """
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def port_open(host: str, port: int, timeout: float = 1.0) -> bool:

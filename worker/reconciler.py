@@ -45,6 +45,7 @@ from db import repository as repo
 from db.engine import session_scope
 from db.models import StudyStatus
 from worker.app import queue_depths
+from worker.batches import pump_once
 from worker.config import WorkerConfig
 from worker.heartbeat import aware, job_alive
 from worker.queues import QueueName
@@ -267,6 +268,8 @@ def reconcile_once(
         elif action == "dead-letter":
             report.dead_lettered.append(item.study_id)
     report.deliveries = _reconcile_deliveries(config, publisher, now)
+    # Reprocessing batches: the next items, at each batch's rate (worker.batches).
+    pump_once(config, lambda study_id, rev: publisher.process(study_id, rev, QueueName.BATCH))
     with session_scope(config.database_url) as session:
         repo.prune_heartbeats(session, before=now - HEARTBEAT_RETENTION)
     if report:

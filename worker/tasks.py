@@ -28,6 +28,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.orm import Session
 
+from db import batches as batch_items
 from db import repository as repo
 from db.engine import get_engine, session_scope
 from db.models import JobKind, JobStatus, StudyStatus
@@ -213,7 +214,11 @@ def _begin(
             log.error("process_study: study id %d unknown; dropping message", study_id)
             return "unknown-study"
         if state.revision > revision:  # an amendment superseded this revision
+            batch_items.finish_item(session, study_id, revision, batch_items.BatchItemState.FAILED,
+                                    f"superseded by revision {state.revision}")  # fmt: skip
             return "superseded"
+        if batch_items.item_cancelled(session, study_id, revision):
+            return "cancelled"  # its batch was cancelled before this attempt started
         if state.status in (StudyStatus.DONE, StudyStatus.DEAD_LETTER):
             return f"already-{state.status.value}"  # a duplicate wake-up
         if not _close_lost(session, config, study_id, revision, context["task_id"]):
@@ -225,6 +230,9 @@ def _begin(
             )
             repo.set_study_status(
                 session, study_id, StudyStatus.DEAD_LETTER, error=reason, revision=revision
+            )
+            batch_items.finish_item(
+                session, study_id, revision, batch_items.BatchItemState.FAILED, reason
             )
             log.warning("study id %d: dead-letter after %d attempt(s)", study_id, attempts)
             return StudyStatus.DEAD_LETTER.value
@@ -318,6 +326,7 @@ def _process(
         repo.update_timings(session, outcome.result_id, timer.seconds)
         repo.finish_job(session, attempt.job_id, JobStatus.SUCCEEDED)
         repo.set_study_status(session, study_id, StudyStatus.DONE, revision=revision)
+        batch_items.finish_item(session, study_id, revision, batch_items.BatchItemState.DONE)
     for destination in failed:
         # Its own task: retried from the stored files, without re-running the model.
         # Lost, it is found by the reconciler (the delivery row stays failed).
@@ -372,6 +381,10 @@ def _fail_or_retry(
             error=attempts_exhausted_reason(attempt.number + 1, error) if last else error,
             revision=revision,
         )
+        if last:
+            batch_items.finish_item(
+                session, study_id, revision, batch_items.BatchItemState.FAILED, error
+            )
     if last:
         return {"study_id": study_id, "status": StudyStatus.DEAD_LETTER.value}
     base = max(0.1, config.task_retry_backoff_seconds)

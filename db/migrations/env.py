@@ -5,7 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-import db.access  # noqa: F401  (puts the staff tables on Base.metadata)
+import db.access
+import db.batches  # noqa: F401  (puts the batch tables on Base.metadata)
 from db.models import Base
 
 config = context.config

@@ -11,7 +11,7 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 import pneumo
-from pneumo.api import fhir, pages, studies
+from pneumo.api import batches, fhir, metrics, pages, studies
 from pneumo.api.auth import NotSignedIn
 from pneumo.api.context import ApiContext
 
@@ -63,11 +63,14 @@ def create_app(settings: Settings) -> FastAPI:
         data_dir=settings.data_dir,
         max_image_pixels_bits=settings.max_image_pixels_bits,
         model_card_dir=_model_card_dir(),
+        heartbeat_stale_seconds=settings.heartbeat_stale_seconds,
         reprocess=_reprocessor(settings),
     )
     app.include_router(studies.router)
+    app.include_router(batches.router)
     app.include_router(fhir.router)
     app.include_router(pages.router)
+    app.include_router(metrics.router_for(settings))
     app.mount("/static", StaticFiles(directory=_HERE / "static"), name="static")
 
     @app.exception_handler(NotSignedIn)

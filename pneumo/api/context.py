@@ -24,6 +24,8 @@ class ApiContext:
     data_dir: Path
     max_image_pixels_bits: int
     model_card_dir: Path | None = None
+    heartbeat_stale_seconds: float = 30.0
+    """A worker silent this long is not counted as live (as in the reconciler)."""
     # Queues a stored study again on the batch queue (worker.intake.Intake.reprocess).
     reprocess: Callable[[str], int] | None = None
 

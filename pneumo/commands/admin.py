@@ -1,7 +1,8 @@
-"""Commands for operators: ``reprocess``, ``db upgrade``, ``status``, ``send``, ``purge``.
+"""Commands for operators: ``db upgrade``, ``status``, ``send``, ``purge``.
 
 Each runs once and exits with a :class:`~pneumo.exit_codes.ExitCode`. In the
-embedded default, those that need the broker (``reprocess``, ``status``) start
+embedded default, those that need the broker (``status``; ``reprocess`` in
+:mod:`pneumo.commands.operator`) start
 the private ``redis-server`` for their own use when none runs, and stop it
 again; the messages they publish are kept in its append-only file.
 """
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 __all__ = [
     "cmd_db_upgrade",
     "cmd_purge",
-    "cmd_reprocess",
     "cmd_send",
     "cmd_status",
     "register",
@@ -36,21 +36,16 @@ log = logging.getLogger("pneumo")
 
 
 def register(subparsers: Any) -> None:
-    """Add ``reprocess``, ``db``, ``status``, ``purge`` and ``send``."""
-    reprocess = subparsers.add_parser(
-        "reprocess", help="queue stored studies again on the batch queue (e.g. new model)"
-    )
-    reprocess.add_argument(
-        "--study-uid", action="append", required=True, help="repeat for several studies"
-    )
-    reprocess.set_defaults(func=cmd_reprocess)
-
+    """Add ``db``, ``status``, ``purge`` and ``send``."""
     db = subparsers.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     upgrade = db_sub.add_parser("upgrade", help="apply migrations up to the newest")
     upgrade.set_defaults(func=cmd_db_upgrade)
 
-    status = subparsers.add_parser("status", help="queue depths, studies by status, recent errors")
+    status = subparsers.add_parser(
+        "status",
+        help="live workers, queue depths, studies by status, failed deliveries, recent errors",
+    )
     status.add_argument("--format", choices=("table", "json"), default="table")
     status.set_defaults(func=cmd_status)
 
@@ -93,30 +88,6 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     upgrade(settings.effective_database_url)
     print("database is at the newest schema")
     return ExitCode.OK
-
-
-# --- reprocess --------------------------------------------------------------------
-
-
-def cmd_reprocess(args: argparse.Namespace) -> int:
-    """Queue stored studies again on the batch queue; FAILED when any was not queued."""
-    from dicom_io.uids import require_uid
-    from pneumo.celery_app import build_app
-    from pneumo.settings import load_settings
-    from worker.intake import Intake
-
-    settings = load_settings()
-    intake = Intake(config=settings.worker_config(), app=build_app(settings))
-    code = ExitCode.OK
-    with _broker_for_this_command(settings):
-        for uid in args.study_uid:
-            try:
-                intake.reprocess(require_uid(uid, "--study-uid"))
-                print(f"queued on batch: {uid}")
-            except (LookupError, ValueError) as exc:
-                print(f"not queued: {uid}: {exc}", file=sys.stderr)
-                code = ExitCode.FAILED
-    return code
 
 
 # --- retention ----------------------------------------------------------------------
@@ -162,27 +133,64 @@ def _queue_depths(settings: Settings) -> dict[str, int | None]:
         return {name.value: None for name in QUEUE_PRIORITY}
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    """Print queue depths, studies by status and recent errors."""
+def _status_summary(settings: Settings) -> dict[str, Any]:
+    """Workers, studies, deliveries and recent errors, as the database says (no PHI)."""
+    from datetime import timedelta
+
+    from db import metrics
     from db import repository as repo
     from db.engine import session_scope
+
+    stale_after = timedelta(seconds=settings.heartbeat_stale_seconds)
+    with session_scope(settings.effective_database_url) as session:
+        workers = metrics.worker_counts(session, stale_after=stale_after)
+        deliveries = metrics.delivery_counts(session)
+        return {
+            "workers": {
+                "live": workers.live,
+                "stale": workers.stale,
+                "running_tasks": workers.running_tasks,
+                "names": list(workers.live_workers),
+            },
+            "studies": repo.studies_by_status(session),
+            "deliveries": {
+                d.destination: d.by_status | {"failed_attempts": d.failed_attempts}
+                for d in deliveries
+            },
+            "errors": repo.recent_errors(session),
+        }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print live workers, queue depths, studies by status, deliveries and recent errors."""
     from pneumo.settings import load_settings
 
     settings = load_settings()
     depths = _queue_depths(settings)
-    with session_scope(settings.effective_database_url) as session:
-        counts = repo.studies_by_status(session)
-        errors = repo.recent_errors(session)
+    summary = _status_summary(settings)
+    errors = summary.pop("errors")
     if args.format == "json":
         listing = [
             {"study_uid": e.study_uid, "kind": e.kind, "status": e.status,
              "attempt": e.attempt, "error": e.error, "at": e.at.isoformat()}
             for e in errors
         ]  # fmt: skip
-        print(json.dumps({"queues": depths, "studies": counts, "errors": listing}, indent=2))
+        print(json.dumps({"queues": depths, **summary, "errors": listing}, indent=2))
         return ExitCode.OK
+    workers, counts = summary["workers"], summary["studies"]
+    print(
+        f"workers: live={workers['live']} stale={workers['stale']} "
+        f"running={workers['running_tasks']}"
+        + (f"  ({', '.join(workers['names'])})" if workers["names"] else "")
+    )
     print("queues:  " + "  ".join(f"{k}={'?' if v is None else v}" for k, v in depths.items()))
     print("studies: " + ("  ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"))
+    if summary["deliveries"]:
+        print("deliveries:")
+        for destination, by_status in summary["deliveries"].items():
+            print(f"  {destination}  " + "  ".join(f"{k}={v}" for k, v in by_status.items()))
+    else:
+        print("deliveries: none")
     if errors:
         print("recent errors:")
         for e in errors:

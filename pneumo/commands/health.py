@@ -59,8 +59,8 @@ def register(subparsers: Any) -> None:
     listener.add_argument(
         "--calling-ae",
         default=None,
-        help="our AE title in the association (default: the first of PNEUMO_ALLOWED_AETS, "
-        f"else {DEFAULT_PING_CALLING_AE})",
+        help="our AE title in the association (default: the first of PNEUMO_ALLOWED_AETS "
+        f"allowed from loopback, else its first, else {DEFAULT_PING_CALLING_AE})",
     )
     _add_timeout(listener)
     listener.set_defaults(func=cmd_ping_listener)
@@ -110,12 +110,17 @@ def _report(code: ExitCode, message: str) -> ExitCode:
 
 
 def _calling_ae(settings: Settings, given: str | None) -> str:
-    from dicom_io.config import ALLOW_ANY_AE
+    """``given``, else the first allowed AE title that may call from loopback (the
+    ping's usual source), else the first allowed AE title, else the default."""
+    from dicom_io.config import ALLOW_ANY_AE, AllowedPeer
 
     if given:
         return given
-    listed = [ae for ae in settings.allowed_aets if ae != ALLOW_ANY_AE]
-    return listed[0] if listed else DEFAULT_PING_CALLING_AE
+    peers = [AllowedPeer.parse(entry) for entry in settings.allowed_aets]
+    listed = [p for p in peers if p.ae_title != ALLOW_ANY_AE]
+    local = [p for p in listed if p.allows(p.ae_title, "127.0.0.1") or p.allows(p.ae_title, "::1")]
+    chosen = local or listed
+    return chosen[0].ae_title if chosen else DEFAULT_PING_CALLING_AE
 
 
 def cmd_ping_listener(args: argparse.Namespace) -> int:

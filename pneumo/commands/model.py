@@ -108,10 +108,10 @@ def _reference_scores(args: argparse.Namespace) -> list[float]:
         return [
             r.probability for r in read_predictions_csv(args.reference) if r.probability is not None
         ]
-    import torch
+    from model.inference import read_weights_file
 
     weights = _weights_path(args)
-    payload = torch.load(weights, map_location="cpu", weights_only=False)
+    payload = read_weights_file(weights)
     ref = payload.get("monitoring_reference")
     if ref is None:
         raise ValueError(f"{Path(weights).name} stores no validation reference; pass --reference")

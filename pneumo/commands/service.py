@@ -98,6 +98,24 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _serve_listener_metrics(listener: Listener, settings: Settings) -> Any:
+    """The listener's counters on ``PNEUMO_METRICS_PORT`` (None when 0 or it cannot bind)."""
+    if not settings.metrics_port:
+        return None
+    from pneumo.metrics import serve_listener_metrics
+
+    try:
+        server = serve_listener_metrics(listener, settings.host, settings.metrics_port)
+    except OSError as exc:
+        log.error("listener metrics not served on port %d (%s)", settings.metrics_port, exc)
+        return None
+    print(
+        f"listener metrics at http://{settings.host}:{settings.metrics_port}/metrics",
+        flush=True,
+    )
+    return server
+
+
 def cmd_listen(args: argparse.Namespace) -> int:
     """Run the DICOM listener until SIGINT/SIGTERM."""
     from pneumo.settings import load_settings
@@ -111,10 +129,13 @@ def cmd_listen(args: argparse.Namespace) -> int:
     _stop_on_signals(stop)
     listener.start()
     _announce(listener, settings)
+    metrics = _serve_listener_metrics(listener, settings)
     try:
         while not stop.wait(0.5):
             pass
     finally:
+        if metrics is not None:
+            metrics.shutdown()
         listener.stop()
     print("listener stopped", flush=True)
     return ExitCode.OK
@@ -188,8 +209,11 @@ def _supervise(
     args: argparse.Namespace, listener: Listener, settings: Settings, stop: threading.Event
 ) -> ExitCode:
     """Run the listener and keep one worker process alive until ``stop`` is set."""
+    from pneumo.metrics import register_listener, unregister_listener
+
     worker = _start_worker(args)
     restarts = 0
+    register_listener(listener)  # its counters in the API's /metrics (same process)
     try:
         listener.start()
         _announce(listener, settings)
@@ -209,6 +233,7 @@ def _supervise(
         return ExitCode.OK
     finally:
         listener.stop()
+        unregister_listener(listener)
         _terminate(worker, timeout=20.0)
 
 
@@ -222,9 +247,15 @@ class _ApiServer:
         from pneumo.commands.staff import api_address
 
         host, port = api_address(settings, None, None)
-        # No access log: query strings hold patient IDs.
+        # No access log: query strings hold patient IDs. No log_config: uvicorn's
+        # lines go through the root logger, in the PNEUMO_LOG_FORMAT of the rest.
         config = uvicorn.Config(
-            create_app(settings), host=host, port=port, access_log=False, log_level="warning"
+            create_app(settings),
+            host=host,
+            port=port,
+            access_log=False,
+            log_level="warning",
+            log_config=None,
         )
         self.address = f"http://{host}:{port}"
         self._server = uvicorn.Server(config)

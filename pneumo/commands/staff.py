@@ -130,7 +130,14 @@ def cmd_api(args: argparse.Namespace) -> int:
     settings = load_settings()
     host, port = api_address(settings, args.host, args.port)
     # uvicorn's access log would print query strings, which hold patient IDs.
-    uvicorn.run(create_app(settings), host=host, port=port, access_log=False, log_level="info")
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        access_log=False,
+        log_level="info",
+        log_config=None,  # our logging setup (text or JSON, PNEUMO_LOG_FORMAT) applies
+    )
     return ExitCode.OK
 
 

@@ -107,6 +107,19 @@ def test_health_needs_no_token_and_shows_no_patient_data(client: TestClient) -> 
     assert body["checks"]["database"] == "ok" and "broker" in body["checks"]
 
 
+def test_health_counts_workers_by_their_heartbeats(client: TestClient, staff_db: StaffDb) -> None:
+    from db import repository as repo
+    from db.engine import session_scope
+
+    before = client.get("/api/health")
+    assert before.status_code == 200  # readable without workers: degraded, not down
+    assert before.json()["checks"]["workers"] == "none live"
+    assert before.json()["status"] == "degraded"
+    with session_scope(staff_db.url) as session:
+        repo.record_heartbeat(session, "w1@host", hostname="host", pid=1, active_tasks=["t1"])
+    assert client.get("/api/health").json()["checks"]["workers"] == "1 live"
+
+
 def test_operators_reprocess(client: TestClient, staff_db: StaffDb, redis_server: str) -> None:
     import redis
     from sqlalchemy import select

@@ -7,7 +7,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-import db.access  # noqa: F401  (puts the staff tables on Base.metadata)
+import db.access
+import db.batches  # noqa: F401  (puts the batch tables on Base.metadata)
 from db import migrate
 from db.models import Base
 

@@ -91,9 +91,10 @@ def datasets(draw: st.DrawFn) -> Dataset:
 
 
 @pytest.mark.slow
-# The fault suite asks for 5 000 (PNEUMO_FUZZ_EXAMPLES=5000); 400 keeps the default run short.
+# Issue 8 asks for 5 000 generated data sets in CI: ~15 s on 2 shared cores.
+# PNEUMO_FUZZ_EXAMPLES=400 shortens a local run.
 @settings(
-    max_examples=int(os.environ.get("PNEUMO_FUZZ_EXAMPLES", "400")),
+    max_examples=int(os.environ.get("PNEUMO_FUZZ_EXAMPLES", "5000")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import threading
@@ -21,16 +20,11 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_io.assembly import ReadyStudy
+from tests.conftest import free_port
 from tests.paths import DICOM_DATA
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_dcmtk(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

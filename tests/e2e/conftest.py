@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tests.conftest import need_dcmtk, need_shared
+from tests.conftest import free_port, need_dcmtk, need_shared
 from tests.conftest import port_open as _port_open
 from tests.db.postgres import throwaway_database
 from tests.paths import SHARED
@@ -29,12 +28,6 @@ from worker import embedded_broker
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 DCMTK = Path("/usr/bin")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:

@@ -81,3 +81,27 @@ def test_shipped_model_reproduces_the_model_card_test_auc(predictor, kermany) ->
                     probs.append(p.probability)
     assert len(labels) == card["evaluations"]["kermany/test"]["n"]
     assert abs(roc_auc_score(labels, probs) - expected) <= 0.002
+
+
+class _RunsCode:
+    """Unpickling this calls a function: what a hostile weights file would do."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return (os.getenv, ("PATH",))
+
+
+def test_weights_files_are_loaded_without_running_code(tmp_path) -> None:
+    """``torch.load(weights_only=True)``: a pickle that calls a function is refused."""
+    import torch
+
+    from model.inference import WeightsError, read_weights_file
+
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"format": 1, "payload": _RunsCode()}, hostile)
+    with pytest.raises(WeightsError):
+        load_predictor(hostile)
+    # The shipped file (tensors + the guard's numpy statistics) is accepted.
+    payload = read_weights_file(default_weights_path())
+    assert payload["format"] == 1 and "state_dict" in payload

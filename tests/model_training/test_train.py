@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.card import build_card, experiment_row, render_markdown
-from model.inference import Predictor
+from model.inference import Predictor, read_weights_file
 from model.train import TrainConfig, run_training
 
 
@@ -33,7 +33,7 @@ def _config(kermany, tmp_path, epochs: int) -> TrainConfig:
 def test_tiny_run_exports_a_loadable_model_and_resumes(kermany, tmp_path) -> None:
     path = run_training(_config(kermany, tmp_path, 1))
     assert path == tmp_path / "out" / "tiny-0.0.0-test.pt" and path.exists()
-    last = torch.load(tmp_path / "work" / "last.pt", weights_only=False)
+    last = read_weights_file(tmp_path / "work" / "last.pt")
     assert last["epoch"] == 0 and len(last["history"]) == 1
     first_epoch = last["history"][0]
 
@@ -46,10 +46,10 @@ def test_tiny_run_exports_a_loadable_model_and_resumes(kermany, tmp_path) -> Non
 
     # "interrupted" after epoch 1: a second run with 2 epochs continues, not restarts
     run_training(_config(kermany, tmp_path, 2))
-    last = torch.load(tmp_path / "work" / "last.pt", weights_only=False)
+    last = read_weights_file(tmp_path / "work" / "last.pt")
     assert last["epoch"] == 1 and len(last["history"]) == 2
     assert last["history"][0] == first_epoch
-    payload = torch.load(path, weights_only=False)
+    payload = read_weights_file(path)
     assert payload["training"]["epochs_run"] == 2
 
 
@@ -74,9 +74,9 @@ def test_quick_recipe_on_a_tiny_subset_trains_and_its_checkpoint_loads(kermany, 
     config = _tiny_recipe("quick", kermany, tmp_path, limit=12)
     assert config.shift_prob > 0 and config.arch == "pneumonet" and config.max_minutes <= 60
     path = run_training(config)
-    last = torch.load(tmp_path / "work" / "last.pt", weights_only=False)
+    last = read_weights_file(tmp_path / "work" / "last.pt")
     assert 0.0 <= last["history"][0]["val_auc_perturbed"] <= 1.0
-    payload = torch.load(path, weights_only=False)
+    payload = read_weights_file(path)
     assert payload["net_config"]["blocks"] == [2, 2, 2, 2]
     assert set(payload["training"]["validation_perturbed"]) >= {"roc_auc", "sensitivity"}
     pred = Predictor(path)
@@ -98,7 +98,7 @@ def test_torchvision_resnet_without_mirror_tta_exports_and_serves(kermany, tmp_p
     """The full recipe's trunk (torchvision ResNet-18, 1-channel stem, no download) end to end."""
     config = _tiny_recipe("full", kermany, tmp_path, limit=8, tta="none")
     path = run_training(config)
-    payload = torch.load(path, weights_only=False)
+    payload = read_weights_file(path)
     assert payload["net_config"]["arch"] == "resnet18" and payload["tta"] == "none"
     assert payload["state_dict"]["stem.0.weight"].shape[1] == 1
     assert payload["state_dict"]["stem.0.weight"].dtype == torch.float16  # the recipe's 22 MB

@@ -92,7 +92,7 @@ def test_commands_return_the_shared_exit_codes(
         (["up"], "service"),
         (["listen"], "service"),
         (["worker", "--queues", "batch"], "service"),
-        (["reprocess", "--study-uid", "1.2.3"], "admin"),
+        (["reprocess", "--study-uid", "1.2.3"], "operator"),
         (["db", "upgrade"], "admin"),
         (["status", "--format", "json"], "admin"),
         (["results", "--paths"], "staff"),

@@ -27,18 +27,13 @@ from dicom_io.config import ListenerConfig, TLSConfig
 from dicom_io.listener import Listener
 from pneumo.commands import health
 from pneumo.exit_codes import ExitCode
+from tests.conftest import free_port
 from tests.worker.conftest import base_env, wait_until
 from worker import embedded_broker
 
 Run = Callable[..., int]
 StartListener = Callable[..., Listener]
 Serve = Callable[[int, bytes], str]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 
 from db.engine import get_engine, session_scope
 from db.models import Job, JobKind, JobStatus, Result, Study, StudyStatus
-from tests.conftest import port_open
+from tests.conftest import free_port, port_open
 from tests.paths import REPO
 
 __all__ = [
@@ -43,14 +43,6 @@ __all__ = [
     "wait_until",
     "worker_env",
 ]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> float:

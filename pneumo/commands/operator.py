@@ -1,0 +1,356 @@
+"""Commands for operators rerunning studies: ``reprocess``, ``batches`` and ``models``.
+
+``reprocess`` selects stored studies (selectors combine with AND), records a
+batch (:mod:`db.batches`) and publishes it on the ``batch`` queue
+(:mod:`worker.batches`); realtime work keeps priority. Without ``--wait`` it
+prints the batch id and returns: the workers' reconcilers publish the rest,
+at the batch's ``--max-rate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pneumo.commands.staff import _cli_user, _date_arg, format_table
+from pneumo.exit_codes import ExitCode
+
+if TYPE_CHECKING:
+    from db.batches import BatchView, Selector
+
+__all__ = [
+    "cmd_batches_cancel",
+    "cmd_batches_list",
+    "cmd_batches_retry",
+    "cmd_batches_show",
+    "cmd_models_list",
+    "cmd_reprocess",
+    "register",
+]
+
+SAMPLE_ROWS = 10
+"""Studies a dry run lists."""
+
+
+def register(subparsers: Any) -> None:
+    """Add ``reprocess``, ``batches`` and ``models``."""
+    _register_reprocess(subparsers)
+    _register_batches(subparsers)
+    models = subparsers.add_parser("models", help="model versions known to the database")
+    models.add_argument("--format", choices=("table", "json"), default="table")
+    models.set_defaults(func=cmd_models_list)
+    models_sub = models.add_subparsers(dest="models_command", metavar="ACTION")
+    models_sub.add_parser("list", help="versions with sha256, threshold, active flag (default)")
+
+
+def _rate_arg(value: str) -> float:
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(/s)?\s*", value)
+    if match is None or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError("expected a positive rate, e.g. 5/s")
+    return float(match.group(1))
+
+
+def _register_reprocess(subparsers: Any) -> None:
+    from db.batches import StatusChoice
+    from db.queries import DateField, Finding
+
+    p = subparsers.add_parser(
+        "reprocess",
+        help="rerun stored studies as a batch on the batch queue (e.g. new model)",
+        description="Select stored studies (criteria combine: every one must hold), record "
+        "a batch and queue one new revision per study on the batch queue.",
+    )
+    p.add_argument("--study-uid", action="append", default=[], help="repeatable")
+    p.add_argument("--studies-file", type=Path, help="one Study Instance UID per line")
+    p.add_argument("--since", type=_date_arg, help="YYYY-MM-DD, inclusive")
+    p.add_argument("--until", type=_date_arg, help="YYYY-MM-DD, inclusive")
+    p.add_argument("--date-field", choices=[d.value for d in DateField],
+                   default=DateField.STUDY.value, help="which date --since/--until bound")  # fmt: skip
+    p.add_argument("--status", choices=[s.value for s in StatusChoice])
+    p.add_argument("--finding", choices=[f.value for f in Finding])
+    p.add_argument("--flag", help="e.g. outside-intended-use, not-chest-xray")
+    p.add_argument(
+        "--model-version",
+        metavar="V",
+        help="studies whose newest result was made by another model than V",
+    )
+    p.add_argument("--all", action="store_true", dest="everything", help="every stored study")
+    p.add_argument("--dry-run", action="store_true", help="print the count and a sample only")
+    p.add_argument("--wait", action="store_true", help="follow the batch with a progress bar")
+    p.add_argument("--max-rate", type=_rate_arg, metavar="N/s", help="publish at most N per s")
+    p.set_defaults(func=cmd_reprocess)
+
+
+def _selector(args: argparse.Namespace) -> Selector:
+    """The selector the options ask for.
+
+    Raises:
+        ValueError: a malformed UID, inconsistent dates, an unreadable studies file.
+    """
+    from db.batches import Selector, StatusChoice
+    from db.queries import DateField, Finding
+    from dicom_io.uids import require_uid
+
+    uids = [require_uid(u.strip(), "--study-uid") for u in args.study_uid]
+    if args.studies_file is not None:
+        try:
+            text = args.studies_file.read_text()
+        except OSError as exc:
+            raise ValueError(f"--studies-file: {exc.strerror}") from exc
+        lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+        uids += [require_uid(line, "--studies-file") for line in lines if line]
+        if not uids:
+            raise ValueError("--studies-file: no Study Instance UID in it")
+    return Selector(
+        study_uids=tuple(dict.fromkeys(uids)),
+        since=args.since,
+        until=args.until,
+        date_field=DateField(args.date_field),
+        status=None if args.status is None else StatusChoice(args.status),
+        finding=None if args.finding is None else Finding(args.finding),
+        flag=args.flag,
+        model_version=args.model_version,
+        everything=args.everything,
+    )
+
+
+def _sample_line(row: Any) -> dict[str, Any]:
+    return {
+        "study_uid": row.study_uid,
+        "study_date": "" if row.study_date is None else row.study_date.isoformat(),
+        "status": row.study_status.value,
+        "rev": row.revision,
+        "finding": "-" if row.finding is None else ("PNEUMONIA" if row.finding else "none"),
+        "probability": "-" if row.probability is None else f"{row.probability:.4f}",
+        "model": row.model or "-",
+    }
+
+
+def _dry_run(settings: Any, selector: Selector) -> int:
+    from db.batches import select_studies
+    from db.engine import session_scope
+
+    with session_scope(settings.effective_database_url) as session:
+        selection = select_studies(session, selector)
+    print(f"would reprocess {len(selection.study_ids)} study(ies)")
+    if selection.purged:
+        print(f"left out: {len(selection.purged)} study(ies) whose pixels were purged")
+    lines = [_sample_line(row) for row in selection.rows[:SAMPLE_ROWS]]
+    if lines:
+        print(format_table(lines))
+        if len(selection.rows) > SAMPLE_ROWS:
+            print(f"... and {len(selection.rows) - SAMPLE_ROWS} more")
+    return ExitCode.OK
+
+
+def cmd_reprocess(args: argparse.Namespace) -> int:
+    """Record a batch and publish it; USAGE on bad selectors, UNAVAILABLE without a broker."""
+    from pneumo.settings import load_settings
+
+    try:
+        selector = _selector(args)
+        if selector.empty:
+            raise ValueError("give a selector (--study-uid, --status, ...) or --all")
+    except ValueError as exc:
+        print(f"pneumo reprocess: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    settings = load_settings()
+    if args.dry_run:
+        return _dry_run(settings, selector)
+    return _start(settings, selector, args)
+
+
+def _start(settings: Any, selector: Selector, args: argparse.Namespace) -> int:
+    from kombu.exceptions import OperationalError
+
+    from pneumo.celery_app import build_app
+    from pneumo.commands.admin import _broker_for_this_command
+    from worker import batches
+
+    config = settings.worker_config()
+    started = batches.start_batch(
+        config.database_url, selector, started_by=_cli_user(), max_rate=args.max_rate
+    )
+    if started.purged:
+        print(f"left out: {len(started.purged)} study(ies) whose pixels were purged",
+              file=sys.stderr)  # fmt: skip
+    publish = batches.celery_publish(build_app(settings))
+    try:
+        with _broker_for_this_command(settings):
+            batches.pump_once(config, publish, batch_ids=[started.batch_id])
+            if not args.wait:
+                print(f"batch {started.batch_id}: {started.studies} study(ies) queued")
+                return ExitCode.OK
+            final = _follow(config, publish, started.batch_id, started.studies)
+    except OperationalError as exc:
+        print(f"pneumo reprocess: broker unreachable ({type(exc).__name__}); batch "
+              f"{started.batch_id} is recorded and will be published by the workers",
+              file=sys.stderr)  # fmt: skip
+        return ExitCode.UNAVAILABLE
+    print(_summary(final))
+    return ExitCode.OK if final.counts["failed"] == 0 else ExitCode.FAILED
+
+
+def _follow(config: Any, publish: Any, batch_id: int, total: int) -> BatchView:
+    """Publish and follow the batch with a tqdm bar (done / failed / remaining, rate, ETA)."""
+    from tqdm import tqdm
+
+    from worker import batches
+
+    with tqdm(total=total, desc=f"batch {batch_id}", unit="study") as bar:
+
+        def progress(current: BatchView) -> None:
+            finished = current.counts["done"] + current.counts["failed"]
+            bar.set_postfix(
+                done=current.counts["done"],
+                failed=current.counts["failed"],
+                remaining=current.counts["queued"],
+                refresh=False,
+            )
+            bar.update(finished - bar.n)
+
+        return batches.follow(config, publish, batch_id, on_progress=progress)
+
+
+def _summary(view: BatchView) -> str:
+    counts = "  ".join(f"{k}={v}" for k, v in view.counts.items())
+    return f"batch {view.batch_id} {view.state.value}: {counts}"
+
+
+# --- batches ----------------------------------------------------------------------
+
+
+def _register_batches(subparsers: Any) -> None:
+    p = subparsers.add_parser("batches", help="list, show, cancel or retry reprocessing batches")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_batches_list)
+    sub = p.add_subparsers(dest="batches_command", metavar="ACTION")
+    listing = sub.add_parser("list", help="batches, newest first (default)")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.set_defaults(func=cmd_batches_list)
+    for name, func, help_text in (
+        ("show", cmd_batches_show, "one batch: selector, counts and its unfinished items"),
+        ("cancel", cmd_batches_cancel, "drop the queued items; started ones finish"),
+        ("retry", cmd_batches_retry, "queue the failed items again (a new revision each)"),
+    ):
+        action = sub.add_parser(name, help=help_text)
+        action.add_argument("batch_id", type=int, metavar="ID")
+        action.set_defaults(func=func)
+
+
+def _line(view: BatchView) -> dict[str, Any]:
+    c = view.counts
+    return {
+        "id": view.batch_id,
+        "started_by": view.started_by,
+        "created": f"{view.created_at:%Y-%m-%d %H:%M:%S}",
+        "state": view.state.value,
+        "total": view.total,
+        "done": c["done"],
+        "failed": c["failed"],
+        "queued": c["queued"],
+        "cancelled": c["cancelled"],
+        "selector": json.dumps({k: v for k, v in view.selector.items() if v}),
+    }
+
+
+def _config() -> Any:
+    from pneumo.settings import load_settings
+
+    return load_settings().worker_config()
+
+
+def cmd_batches_list(args: argparse.Namespace) -> int:
+    """Print the batches, newest first."""
+    from db.batches import batch_views
+    from db.engine import session_scope
+
+    with session_scope(_config().database_url) as session:
+        views = batch_views(session, limit=getattr(args, "limit", 50))
+    if getattr(args, "format", "table") == "json":
+        print(json.dumps([v.as_dict() for v in views], indent=2))
+    else:
+        print(format_table([_line(v) for v in views]) if views else "no batches")
+    return ExitCode.OK
+
+
+def cmd_batches_show(args: argparse.Namespace) -> int:
+    """Print one batch and its unfinished or failed items; FAILED when unknown."""
+    from db.batches import BatchItemState, batch_items, batch_views
+    from db.engine import session_scope
+
+    with session_scope(_config().database_url) as session:
+        views = batch_views(session, [args.batch_id])
+        states = (BatchItemState.QUEUED, BatchItemState.FAILED)
+        items = batch_items(session, args.batch_id, states=states) if views else []
+    if not views:
+        print(f"pneumo batches: no batch {args.batch_id}", file=sys.stderr)
+        return ExitCode.FAILED
+    if getattr(args, "format", "table") == "json":
+        print(json.dumps(views[0].as_dict() | {"items": [i.as_dict() for i in items]}, indent=2))
+        return ExitCode.OK
+    print(format_table([_line(views[0])]))
+    if items:
+        print(format_table([
+            {"study_uid": i.study_uid, "rev": i.revision or "-", "state": i.state.value,
+             "error": i.error or "-"} for i in items
+        ]))  # fmt: skip
+    return ExitCode.OK
+
+
+def cmd_batches_cancel(args: argparse.Namespace) -> int:
+    """Cancel a batch; FAILED when unknown."""
+    from worker import batches
+
+    report = batches.cancel(_config(), args.batch_id)
+    if not report.found:
+        print(f"pneumo batches: no batch {args.batch_id}", file=sys.stderr)
+        return ExitCode.FAILED
+    print(f"batch {args.batch_id} cancelled: {report.dropped} item(s) dropped, "
+          f"{report.running} already started will finish")  # fmt: skip
+    return ExitCode.OK
+
+
+def cmd_batches_retry(args: argparse.Namespace) -> int:
+    """Queue a batch's failed items again; the workers publish them. FAILED when unknown."""
+    from worker import batches
+
+    count = batches.retry(_config(), args.batch_id)
+    if count is None:
+        print(f"pneumo batches: no batch {args.batch_id}", file=sys.stderr)
+        return ExitCode.FAILED
+    print(f"batch {args.batch_id}: {count} failed item(s) queued again")
+    return ExitCode.OK
+
+
+# --- models -----------------------------------------------------------------------
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    """Print the model versions that produced results; ``active`` marks the weights file
+    new work loads (``PNEUMO_MODEL_PATH``, else the shipped weights), by its sha256."""
+    from db.engine import session_scope
+    from db.queries import model_versions
+    from model.inference import default_weights_path, sha256_file
+    from pneumo.settings import load_settings
+
+    settings = load_settings()
+    weights = Path(settings.model_path or default_weights_path())
+    active = sha256_file(weights) if weights.is_file() else None
+    with session_scope(settings.effective_database_url) as session:
+        models = model_versions(session)
+    rows = [m.as_dict() | {"label": m.label, "active": m.sha256 == active} for m in models]
+    if args.format == "json":
+        print(json.dumps({"weights": str(weights), "sha256": active, "models": rows}, indent=2))
+        return ExitCode.OK
+    print(f"weights in use: {weights} (sha256 {active or 'missing'})")
+    lines = [
+        {"model": r["label"], "sha256": r["sha256"][:16], "threshold": f"{r['threshold']:.4f}",
+         "active": "yes" if r["active"] else ""} for r in rows
+    ]  # fmt: skip
+    print(format_table(lines) if lines else "no model version has produced a result yet")
+    return ExitCode.OK
