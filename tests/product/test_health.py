@@ -27,7 +27,7 @@ from dicom_io.config import ListenerConfig, TLSConfig
 from dicom_io.listener import Listener
 from pneumo.commands import health
 from pneumo.exit_codes import ExitCode
-from tests.conftest import free_port
+from tests.conftest import free_port, serve_app
 from tests.worker.conftest import base_env, wait_until
 from worker import embedded_broker
 
@@ -257,21 +257,15 @@ def http_server() -> Iterator[Serve]:
 def test_the_real_api_is_healthy(
     ping: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    uvicorn = pytest.importorskip("uvicorn")
     from pneumo.api.app import create_app
     from pneumo.settings import Settings
 
-    port = free_port()
-    app = create_app(Settings(data_dir=tmp_path / "data"))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    server = serve_app(create_app(Settings(data_dir=tmp_path / "data")))
+    base = next(server)
     try:
-        wait_until(lambda: server.started, 30, "uvicorn to start")
-        assert ping("api", "--url", f"http://127.0.0.1:{port}/api/health") == ExitCode.OK
+        assert ping("api", "--url", f"{base}/api/health") == ExitCode.OK
     finally:
-        server.should_exit = True
-        thread.join(10)
+        next(server, None)
     assert '"database": "ok"' in capsys.readouterr().out
 
 
