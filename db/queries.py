@@ -37,6 +37,7 @@ __all__ = [
     "DateField",
     "DeliveryView",
     "Finding",
+    "HistoryRow",
     "ImageView",
     "InstanceView",
     "MAX_PAGE_SIZE",
@@ -48,9 +49,11 @@ __all__ = [
     "StudyFilter",
     "StudySummary",
     "image_paths",
+    "model_version_matches",
     "model_versions",
     "search_studies",
     "study_detail",
+    "study_history",
 ]
 
 MAX_PAGE_SIZE = 500
@@ -258,13 +261,16 @@ def _conditions(f: StudyFilter, r: Any) -> list[ColumnElement[bool]]:
     if f.min_probability is not None:
         where.append(r.probability >= f.min_probability)
     if f.model_version is not None:
-        where.append(
-            or_(
-                ModelVersion.version == f.model_version,
-                (ModelVersion.name + "-" + ModelVersion.version) == f.model_version,
-            )
-        )
+        where.append(model_version_matches(f.model_version))
     return where
+
+
+def model_version_matches(label: str) -> ColumnElement[bool]:
+    """The model versions ``label`` names: "1.0.0" or "pneumonet-1.0.0"."""
+    return or_(
+        ModelVersion.version == label,
+        (ModelVersion.name + "-" + ModelVersion.version) == label,
+    )
 
 
 def _like_escape(text: str) -> str:
@@ -668,3 +674,91 @@ def model_versions(session: Session) -> list[ModelView]:
     """Every model version that produced results, newest first."""
     stmt = select(ModelVersion).order_by(ModelVersion.id.desc())
     return [_model_view(m) for m in session.execute(stmt).scalars()]
+
+
+# --- every revision -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    """One result of a study in its history (one revision, one model run)."""
+
+    study_uid: str
+    patient_id: str | None
+    accession_number: str | None
+    study_date: date | None
+    result_id: int
+    revision: int
+    result_status: ResultStatus
+    finding: bool | None
+    probability: float | None
+    threshold: float
+    flags: tuple[str, ...]
+    model: str
+    created_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "study_uid": self.study_uid,
+            "patient_id": self.patient_id,
+            "accession_number": self.accession_number,
+            "study_date": None if self.study_date is None else self.study_date.isoformat(),
+            "result_id": self.result_id,
+            "revision": self.revision,
+            "result_status": self.result_status.value,
+            "finding": self.finding,
+            "probability": self.probability,
+            "threshold": self.threshold,
+            "flags": list(self.flags),
+            "model": self.model,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+def study_history(
+    session: Session,
+    filters: StudyFilter = StudyFilter(),
+    *,
+    sort: Sort = Sort.NEWEST,
+    limit: int = 50,
+) -> list[HistoryRow]:
+    """Every result of the studies :func:`search_studies` finds (its first ``limit``
+    studies, in ``sort`` order): per study, newest revision first (then newest run).
+
+    The filters select studies exactly as the search does (on each study's newest
+    result); the history then lists all of the study's results. Unprocessed
+    studies have no rows.
+
+    Raises:
+        ValueError: ``limit`` outside 1..MAX_PAGE_SIZE.
+    """
+    page = search_studies(session, filters, sort=sort, limit=limit, with_deliveries=False)
+    order = {row.study_uid: n for n, row in enumerate(page.rows)}
+    if not order:
+        return []
+    stmt = (
+        select(Study, Result, ModelVersion)
+        .join(Result, Result.study_id == Study.id)
+        .join(ModelVersion, ModelVersion.id == Result.model_version_id)
+        .where(Study.study_uid.in_(list(order)))
+        .order_by(Result.revision.desc(), Result.id.desc())
+    )
+    rows = [
+        HistoryRow(
+            study_uid=study.study_uid,
+            patient_id=study.patient_id,
+            accession_number=study.accession_number,
+            study_date=study.study_date,
+            result_id=result.id,
+            revision=result.revision,
+            result_status=result.status,
+            finding=result.finding,
+            probability=result.probability,
+            threshold=result.threshold,
+            flags=tuple(result.flags or ()),
+            model=f"{model.name}-{model.version}",
+            created_at=result.created_at,
+        )
+        for study, result, model in session.execute(stmt).all()
+    ]
+    return sorted(rows, key=lambda r: order[r.study_uid])  # stable: revisions stay in order

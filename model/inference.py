@@ -7,7 +7,9 @@ same code training used) and returns one :class:`Prediction` each: the calibrate
 pneumonia probability (``sigmoid(logit / T + b)`` of the mirror-TTA logit), the out-of-distribution score
 and whether the image passed the not-a-chest-radiograph guard.
 :meth:`Predictor.heatmaps` gives a Grad-CAM map (Selvaraju et al., ICCV 2017) per image
-at the image's own size.
+at the image's own size. :meth:`Predictor.predict_with_heatmaps` gives both from one
+forward pass: the map is taken on the activations (and their gradients) of the very
+pass whose logit became the probability, so serving pays for one forward, not two.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from numpy._core.multiarray import _reconstruct  # what a pickled ndarray is rebuilt by
 
-from model.network import NetConfig, PneumoNet, build_network, tta_forward
+from model.network import NetConfig, PneumoNet, build_network, tta_forward_with_map
 from model.ood import OODModel
 from model.preprocess import to_model_batch
 
@@ -195,19 +197,28 @@ class Predictor:
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
 
+    def _chunks(
+        self, images: Sequence[np.ndarray]
+    ) -> Iterator[tuple[Sequence[np.ndarray], torch.Tensor]]:
+        """(images, their preprocessed batch on the device), ``batch_size`` at a time."""
+        for i in range(0, len(images), self.batch_size):
+            chunk = images[i : i + self.batch_size]
+            yield chunk, self._to_device(to_model_batch(chunk, self.info.input_size))
+
+    def _tta(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`~model.network.tta_forward_with_map` of ``x`` (float16 autocast on CUDA)."""
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                return tta_forward_with_map(self.net, x, mirror=self._mirror)
+        return tta_forward_with_map(self.net, x, mirror=self._mirror)
+
     def logits_and_ood(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Raw (uncalibrated TTA logits, OOD scores) per image."""
         logits: list[np.ndarray] = []
         scores: list[np.ndarray] = []
         with self._lock, torch.inference_mode():
-            for i in range(0, len(images), self.batch_size):
-                chunk = images[i : i + self.batch_size]
-                x = self._to_device(to_model_batch(chunk, self.info.input_size))
-                if self.device.type == "cuda":
-                    with torch.autocast("cuda", dtype=torch.float16):
-                        lg, ft = tta_forward(self.net, x, mirror=self._mirror)
-                else:
-                    lg, ft = tta_forward(self.net, x, mirror=self._mirror)
+            for _, x in self._chunks(images):
+                lg, ft, _ = self._tta(x)
                 logits.append(lg.float().cpu().numpy())
                 scores.append(self.ood.score(ft.float().cpu().numpy()))
         if not logits:
@@ -217,6 +228,10 @@ class Predictor:
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """Calibrated pneumonia probability + OOD verdict for each 2-D [0, 1] image."""
         logits, scores = self.logits_and_ood(images)
+        return self._predictions(logits, scores)
+
+    def _predictions(self, logits: np.ndarray, scores: np.ndarray) -> list[Prediction]:
+        """Calibrate raw TTA logits and judge OOD scores, one :class:`Prediction` each."""
         t, b = self.info.temperature, self.info.bias
         out = []
         for lg, sc in zip(logits, scores, strict=True):
@@ -233,6 +248,55 @@ class Predictor:
             )
         return out
 
+    def predict_with_heatmaps(
+        self, images: Sequence[np.ndarray]
+    ) -> tuple[list[Prediction], list[np.ndarray]]:
+        """:meth:`predict` and :meth:`heatmaps` from one forward pass per chunk.
+
+        The TTA batch ``[x; mirror(x)]`` goes forward once, as in :meth:`predict`
+        (same logits, OOD features and so probabilities). The unmirrored half's
+        last feature map is kept from that pass; the pneumonia logit is
+        recomputed from it (pool + head, the same operations) with gradients
+        enabled and backpropagated to it for Grad-CAM. The trunk itself records
+        no graph: Grad-CAM needs the gradient at its layer only, and the layers
+        after it are the pool and the head. A map is returned for every image,
+        chest or not (callers drop the ones they do not want).
+        """
+        logits: list[np.ndarray] = []
+        scores: list[np.ndarray] = []
+        maps: list[np.ndarray] = []
+        with self._lock:
+            for chunk, x in self._chunks(images):
+                with torch.no_grad():
+                    lg, ft, fmap = self._tta(x)
+                logits.append(lg.float().cpu().numpy())
+                scores.append(self.ood.score(ft.float().cpu().numpy()))
+                maps += self._grad_cam(fmap, chunk)
+        if not logits:
+            return [], []
+        return self._predictions(np.concatenate(logits), np.concatenate(scores)), maps
+
+    def _grad_cam(self, fmap: torch.Tensor, chunk: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Grad-CAM of the pneumonia logit at ``fmap`` (N, C, h, w), per image of ``chunk``.
+
+        Each map is float32 in [0, 1] at its image's own (H, W); all zeros when
+        the model sees no positive evidence.
+        """
+        with torch.enable_grad():
+            leaf = fmap.detach().float().requires_grad_(True)
+            logit = self.net.logit_from_features(self.net.pool(leaf))
+            (grads,) = torch.autograd.grad(logit.sum(), leaf)
+        weights = grads.mean(dim=(2, 3), keepdim=True)
+        cams = F.relu((weights * leaf.detach()).sum(dim=1, keepdim=True))
+        out: list[np.ndarray] = []
+        for img, cam in zip(chunk, cams, strict=True):
+            h, w = np.asarray(img).shape[:2]
+            up = F.interpolate(cam[None], size=(h, w), mode="bilinear", align_corners=False)
+            m = up[0, 0].cpu().numpy().astype(np.float32)
+            peak = float(m.max())
+            out.append(m / peak if peak > 0 else np.zeros((h, w), np.float32))
+        return out
+
     # ------------------------------------------------------------------ explanation
     def heatmaps(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Grad-CAM of the pneumonia logit on the last conv stage, per image.
@@ -242,21 +306,10 @@ class Predictor:
         """
         out: list[np.ndarray] = []
         with self._lock:
-            for i in range(0, len(images), self.batch_size):
-                chunk = images[i : i + self.batch_size]
-                x = self._to_device(to_model_batch(chunk, self.info.input_size))
-                with torch.enable_grad():
-                    fmap = self.net.feature_map(x).detach().float().requires_grad_(True)
-                    logit = self.net.logit_from_features(self.net.pool(fmap))
-                    (grads,) = torch.autograd.grad(logit.sum(), fmap)
-                weights = grads.mean(dim=(2, 3), keepdim=True)
-                cams = F.relu((weights * fmap.detach()).sum(dim=1, keepdim=True))
-                for img, cam in zip(chunk, cams, strict=True):
-                    h, w = np.asarray(img).shape[:2]
-                    up = F.interpolate(cam[None], size=(h, w), mode="bilinear", align_corners=False)
-                    m = up[0, 0].cpu().numpy().astype(np.float32)
-                    peak = float(m.max())
-                    out.append(m / peak if peak > 0 else np.zeros((h, w), np.float32))
+            for chunk, x in self._chunks(images):
+                with torch.no_grad():
+                    fmap = self.net.feature_map(x)
+                out += self._grad_cam(fmap, chunk)
         return out
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "PneumoNet",
     "build_network",
     "tta_forward",
+    "tta_forward_with_map",
 ]
 
 
@@ -160,12 +161,19 @@ class PneumoNet(nn.Module):
         OOD features: per-channel mean and standard deviation of every stage's
         output, concatenated stage by stage (see :meth:`ood_layer_dims`).
         """
+        logits, feats, _ = self.forward_ood_with_map(x)
+        return logits, feats
+
+    def forward_ood_with_map(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward_ood` plus the pass's last feature map (N, C, h, w), Grad-CAM's layer."""
         h = self.stem(x)
         pooled = []
         for stage in self.stages:
             h = stage(h)
             pooled += [h.mean(dim=(2, 3)), h.flatten(2).std(dim=2)]
-        return self.logit_from_features(pooled[-2]), torch.cat(pooled, dim=1)
+        return self.logit_from_features(pooled[-2]), torch.cat(pooled, dim=1), h
 
     def ood_layer_dims(self) -> list[int]:
         """Width of each stage's block inside the OOD feature vector."""
@@ -196,11 +204,24 @@ def tta_forward(
     unflipped image. ``mirror=False`` skips the mirror (half the compute) for
     models whose weights file says ``"tta": "none"``.
     """
-    if not mirror:
-        logits, feats = net.forward_ood(x)
-        return logits.float(), feats.float()
+    logits, feats, _ = tta_forward_with_map(net, x, mirror=mirror)
+    return logits, feats
+
+
+def tta_forward_with_map(
+    net: PneumoNet, x: torch.Tensor, mirror: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`tta_forward` plus the unflipped images' last feature map (N, C, h, w).
+
+    The map is the activation the TTA logit's unmirrored half was pooled from,
+    so a Grad-CAM taken on it explains the very pass that gave the probability.
+    """
     n = x.shape[0]
-    # one forward over [x; mirror(x)]: BN is in eval mode, so this equals two calls
-    # but uses the CPU/GPU better at small batch sizes
-    logits, feats = net.forward_ood(torch.cat([x, torch.flip(x, dims=(-1,))]))
-    return (logits[:n].float() + logits[n:].float()) / 2.0, feats[:n].float()
+    if mirror:
+        # one forward over [x; mirror(x)]: BN is in eval mode, so this equals two calls
+        # but uses the CPU/GPU better at small batch sizes
+        x = torch.cat([x, torch.flip(x, dims=(-1,))])
+    logits, feats, fmap = net.forward_ood_with_map(x)
+    if mirror:
+        logits = (logits[:n].float() + logits[n:].float()) / 2.0
+    return logits.float(), feats[:n].float(), fmap[:n]

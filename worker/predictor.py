@@ -1,18 +1,28 @@
 """What the pipeline needs from a model: the :class:`Predictor` protocol.
 
 :class:`model.inference.Predictor` satisfies it; so does any test double with
-the same three members. The pipeline never imports torch through this module.
+the same three members. A predictor that can give predictions and heatmaps
+from one forward pass also satisfies :class:`SinglePassPredictor` (the
+production one does); :func:`single_pass` tells the pipeline whether it can
+use that. The pipeline never imports torch through this module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Image", "ModelDescription", "Prediction", "Predictor"]
+__all__ = [
+    "Image",
+    "ModelDescription",
+    "Prediction",
+    "Predictor",
+    "SinglePassPredictor",
+    "single_pass",
+]
 
 Image = npt.NDArray[Any]
 """A 2-D float image in [0, 1], brighter = denser (:func:`dicom_io.pixels.read_pixels`)."""
@@ -77,3 +87,24 @@ class Predictor(Protocol):
     def heatmaps(self, images: Sequence[Image]) -> Sequence[npt.NDArray[np.float32]]:
         """One float32 [0, 1] map per image, at the image's own (H, W)."""
         ...
+
+
+class SinglePassPredictor(Predictor, Protocol):
+    """A :class:`Predictor` that also explains in the pass that predicts."""
+
+    def predict_with_heatmaps(
+        self, images: Sequence[Image]
+    ) -> tuple[Sequence[Prediction], Sequence[npt.NDArray[np.float32]]]:
+        """(:meth:`predict`, :meth:`heatmaps`) of ``images`` from one forward pass.
+
+        A map for every image, chest or not; the Grad-CAM comes from the
+        activations and gradients of the pass that produced the probability.
+        """
+        ...
+
+
+def single_pass(predictor: Predictor) -> SinglePassPredictor | None:
+    """``predictor`` as a :class:`SinglePassPredictor` when it has the method, else None."""
+    if callable(getattr(predictor, "predict_with_heatmaps", None)):
+        return cast(SinglePassPredictor, predictor)
+    return None

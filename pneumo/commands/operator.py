@@ -1,15 +1,17 @@
-"""Commands for operators rerunning studies: ``reprocess``, ``batches`` and ``models``.
+"""Commands for operators rerunning studies: ``reprocess``, ``batches``, ``models``, ``diff``.
 
 ``reprocess`` selects stored studies (selectors combine with AND), records a
 batch (:mod:`db.batches`) and publishes it on the ``batch`` queue
 (:mod:`worker.batches`); realtime work keeps priority. Without ``--wait`` it
 prints the batch id and returns: the workers' reconcilers publish the rest,
-at the batch's ``--max-rate``.
+at the batch's ``--max-rate``. ``diff`` compares two model versions on the
+studies both scored (:func:`db.diff.version_diff`); this module only formats it.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
 import sys
@@ -27,6 +29,7 @@ __all__ = [
     "cmd_batches_list",
     "cmd_batches_retry",
     "cmd_batches_show",
+    "cmd_diff",
     "cmd_models_list",
     "cmd_reprocess",
     "register",
@@ -37,9 +40,10 @@ SAMPLE_ROWS = 10
 
 
 def register(subparsers: Any) -> None:
-    """Add ``reprocess``, ``batches`` and ``models``."""
+    """Add ``reprocess``, ``batches``, ``models`` and ``diff``."""
     _register_reprocess(subparsers)
     _register_batches(subparsers)
+    _register_diff(subparsers)
     models = subparsers.add_parser("models", help="model versions known to the database")
     models.add_argument("--format", choices=("table", "json"), default="table")
     models.set_defaults(func=cmd_models_list)
@@ -353,4 +357,74 @@ def cmd_models_list(args: argparse.Namespace) -> int:
          "active": "yes" if r["active"] else ""} for r in rows
     ]  # fmt: skip
     print(format_table(lines) if lines else "no model version has produced a result yet")
+    return ExitCode.OK
+
+
+# --- diff -------------------------------------------------------------------------
+
+
+def _register_diff(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "diff",
+        help="what model version B changed against A on the studies both scored",
+        description="Over the studies both versions scored (each version's newest result): "
+        "the studies whose finding changed, the shift of the probability (B - A) and, where "
+        "a radiologist gave a final label, each version's sensitivity and specificity "
+        "(other-finding counts as negative for pneumonia).",
+    )
+    p.add_argument("--from-version", required=True, metavar="A", help="1.0.0 or pneumonet-1.0.0")
+    p.add_argument("--to-version", required=True, metavar="B", help="1.1.0 or pneumonet-1.1.0")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.set_defaults(func=cmd_diff)
+
+
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _finding(value: bool) -> str:
+    return "PNEUMONIA" if value else "none"
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Print the comparison of two model versions; USAGE for an unknown version."""
+    from db.diff import MOVED_BY, version_diff
+    from db.engine import session_scope
+    from pneumo.settings import load_settings
+
+    settings = load_settings()
+    try:
+        with session_scope(settings.effective_database_url) as session:
+            diff = version_diff(session, args.from_version, args.to_version)
+    except ValueError as exc:  # UnknownVersion too
+        print(f"pneumo diff: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    if args.format == "json":
+        print(json.dumps(diff.as_dict(), indent=2))
+        return ExitCode.OK
+    changed = [
+        {"study_uid": c.study_uid, "from_finding": _finding(c.from_finding),
+         "to_finding": _finding(c.to_finding), "from_probability": f"{c.from_probability:.4f}",
+         "to_probability": f"{c.to_probability:.4f}"} for c in diff.changed
+    ]  # fmt: skip
+    if args.format == "csv":
+        columns = ("study_uid", "from_finding", "to_finding", "from_probability", "to_probability")
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(changed)
+        return ExitCode.OK
+    print(f"{diff.from_version} -> {diff.to_version}: {diff.studies} study(ies) scored by both, "
+          f"{len(diff.changed)} changed finding")  # fmt: skip
+    print(f"probability shift (B - A): mean {_fraction(diff.mean_shift)}, median "
+          f"{_fraction(diff.median_shift)}, moved by > {MOVED_BY}: {diff.moved} "
+          f"({_fraction(diff.moved_share)})")  # fmt: skip
+    accuracy = [
+        {"model": label, "n": acc.n, "positives": acc.positives, "negatives": acc.negatives,
+         "sensitivity": _fraction(acc.sensitivity), "specificity": _fraction(acc.specificity)}
+        for label, acc in ((diff.from_version, diff.from_accuracy),
+                           (diff.to_version, diff.to_accuracy))
+    ]  # fmt: skip
+    print("on studies with a radiologist's final label (other-finding = no pneumonia):")
+    print(format_table(accuracy))
+    print(format_table(changed) if changed else "no study changed finding")
     return ExitCode.OK

@@ -2,7 +2,9 @@
 ``feedback`` and the staff-grade ``results`` search.
 
 ``results`` is :func:`cmd_results` with :func:`add_results_arguments`; it runs the
-same query (:func:`db.queries.search_studies`) as ``GET /api/studies``. Reads of
+same query (:func:`db.queries.search_studies`) as ``GET /api/studies``;
+``results --history`` lists every result of the studies it finds
+(:func:`db.queries.study_history`). Reads of
 patient data from here are audited as the operating-system user, role empty,
 client ``cli``.
 """
@@ -14,6 +16,7 @@ import csv
 import getpass
 import json
 import sys
+from collections.abc import Sequence
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -299,6 +302,11 @@ def add_results_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=50)
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
     parser.add_argument("--paths", action="store_true", help="add the SR file path column")
+    parser.add_argument(
+        "--history",
+        action="store_true",
+        help="every revision of each matching study, newest first (--limit counts studies)",
+    )
 
 
 def results_filter(args: argparse.Namespace) -> Any:
@@ -348,7 +356,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     """Print the studies matching the filters as a table, CSV or JSON."""
     from db import access
     from db.engine import session_scope
-    from db.queries import MAX_PAGE_SIZE, Sort, search_studies
+    from db.queries import MAX_PAGE_SIZE, Sort, search_studies, study_history
     from pneumo.settings import load_settings
 
     try:
@@ -360,25 +368,49 @@ def cmd_results(args: argparse.Namespace) -> int:
         print(f"pneumo results: --limit must be between 1 and {MAX_PAGE_SIZE}", file=sys.stderr)
         return ExitCode.USAGE
     settings = load_settings()
+    history = getattr(args, "history", False)
     with session_scope(settings.effective_database_url) as session:
-        page = search_studies(session, filters, sort=Sort(args.sort), limit=args.limit)
+        if history:  # every result of each matching study, newest revision first
+            rows: Sequence[Any] = study_history(
+                session, filters, sort=Sort(args.sort), limit=args.limit
+            )
+        else:
+            rows = search_studies(session, filters, sort=Sort(args.sort), limit=args.limit).rows
         access.record_audit(
             session, user=_cli_user(), role=None, action=access.AuditAction.LIST_STUDIES,
             study_uid=filters.study_uid, client=CLI_CLIENT,
         )  # fmt: skip
-    rows = page.rows
-    if args.format == "json":
+    lines = [_history_line(r) if history else _result_line(r, args.paths) for r in rows]
+    return _print_rows(args.format, rows, lines)
+
+
+def _print_rows(fmt: str, rows: Sequence[Any], lines: list[dict[str, Any]]) -> int:
+    """``rows`` as JSON (their ``as_dict``), or their ``lines`` as CSV or a table."""
+    if fmt == "json":
         print(json.dumps([r.as_dict() for r in rows], indent=2))
         return ExitCode.OK
-    lines = [_result_line(r, args.paths) for r in rows]
-    if args.format == "csv":
-        columns = list(_result_line(rows[0], args.paths)) if rows else ["study_uid"]
+    if fmt == "csv":
+        columns = list(lines[0]) if lines else ["study_uid"]
         writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(lines)
         return ExitCode.OK
     print(format_table(lines) if lines else "no results")
     return ExitCode.OK
+
+
+def _history_line(r: Any) -> dict[str, Any]:
+    return {
+        "study_uid": r.study_uid,
+        "patient_id": r.patient_id or "",
+        "accession": r.accession_number or "",
+        "rev": r.revision,
+        "model": r.model,
+        "finding": "-" if r.finding is None else ("PNEUMONIA" if r.finding else "none"),
+        "probability": "-" if r.probability is None else f"{r.probability:.4f}",
+        "flags": ",".join(r.flags) or "-",
+        "created": r.created_at.isoformat(timespec="seconds"),
+    }
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -105,3 +105,25 @@ def test_weights_files_are_loaded_without_running_code(tmp_path) -> None:
     # The shipped file (tensors + the guard's numpy statistics) is accepted.
     payload = read_weights_file(default_weights_path())
     assert payload["format"] == 1 and "state_dict" in payload
+
+
+def test_single_pass_equals_predict_and_heatmaps(predictor, chest_images) -> None:
+    """One forward pass gives predict()'s probabilities and heatmaps()'s Grad-CAM maps."""
+    rng = np.random.default_rng(1)
+    images = chest_images + [rng.random((97, 211), dtype=np.float32)]
+    predictions, maps = predictor.predict_with_heatmaps(images)
+    expected, expected_maps = predictor.predict(images), predictor.heatmaps(images)
+    assert len(predictions) == len(maps) == len(images)
+    for got, want in zip(predictions, expected, strict=True):
+        assert isinstance(got, Prediction)
+        assert abs(got.probability - want.probability) < 1e-5
+        assert abs(got.ood_score - want.ood_score) <= 1e-5 * max(1.0, want.ood_score)
+        assert got.is_chest == want.is_chest
+    for im, hm, ref in zip(images, maps, expected_maps, strict=True):
+        assert hm.shape == im.shape and hm.dtype == np.float32
+        assert np.isfinite(hm).all() and hm.min() >= 0.0 and hm.max() <= 1.0
+        if ref.max() == 0:
+            assert hm.max() <= 1e-3  # no positive evidence in either pass
+        else:
+            assert np.corrcoef(hm.ravel(), ref.ravel())[0, 1] >= 0.99
+    assert predictor.predict_with_heatmaps([]) == ([], [])

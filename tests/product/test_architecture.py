@@ -93,6 +93,7 @@ def test_commands_return_the_shared_exit_codes(
         (["listen"], "service"),
         (["worker", "--queues", "batch"], "service"),
         (["reprocess", "--study-uid", "1.2.3"], "operator"),
+        (["diff", "--from-version", "1.0.0", "--to-version", "1.1.0"], "operator"),
         (["db", "upgrade"], "admin"),
         (["status", "--format", "json"], "admin"),
         (["results", "--paths"], "staff"),

@@ -1,4 +1,4 @@
-"""Stage 3, predict: two studies' images through one predict call and one heatmaps call."""
+"""Stage 3, predict: studies share calls; a single-pass predictor is called once per batch."""
 
 from __future__ import annotations
 
@@ -92,3 +92,55 @@ def test_a_predictor_that_drops_an_image_is_an_error() -> None:
     predictor: Predictor = _Miscounting()
     with pytest.raises(ValueError, match="1 predictions for 2 image"):
         predict(predictor, [_read_study(1, [0.2, 0.3])])
+
+
+class _SinglePass(FakePredictor):
+    """A fake with the single-pass method: records its calls; predict/heatmaps must not run."""
+
+    def __init__(self) -> None:
+        super().__init__(verdict=_guard)
+        self.joint_calls: list[int] = []
+
+    def predict_with_heatmaps(
+        self, images: Sequence[Image]
+    ) -> tuple[list[FakePrediction], list[np.ndarray]]:
+        self.joint_calls.append(len(images))
+        maps = [np.full(np.asarray(im).shape, 0.25, np.float32) for im in images]
+        return [_guard(image) for image in images], maps
+
+
+def test_a_single_pass_predictor_is_called_once_per_batch() -> None:
+    fake = _SinglePass()
+    first, second = _read_study(1, [0.2, None, 0.9]), _read_study(2, [0.7, 0.4])
+    timer = StageTimer()
+
+    one, two = predict(fake, [first, second], timer=timer)
+
+    assert fake.joint_calls == [4]  # one pass for every usable image of both studies
+    assert fake.predict_calls == [] and fake.heatmap_calls == []  # no second pass
+    assert [i.prediction.probability for i in one.images] == pytest.approx([0.2, 0.9])
+    assert [i.heatmap is not None for i in one.images] == [True, False]  # non-chest map dropped
+    assert all(i.heatmap is not None and i.heatmap.shape == (8, 6) for i in two.images)
+    assert set(timer.seconds) == {"inference", "heatmaps"}
+
+    batched = _SinglePass()
+    one, two = predict(batched, [first, second], batch_size=3)
+    assert batched.joint_calls == [3, 1] and batched.predict_calls == []
+    assert [i.heatmap is not None for i in one.images + two.images] == [True, False, True, True]
+
+    idle = _SinglePass()
+    predict(idle, [_read_study(1, [None])])
+    assert idle.joint_calls == []
+
+
+class _DroppingSinglePass(_SinglePass):
+    def predict_with_heatmaps(
+        self, images: Sequence[Image]
+    ) -> tuple[list[FakePrediction], list[np.ndarray]]:
+        predictions, maps = super().predict_with_heatmaps(images)
+        return predictions, maps[:-1]
+
+
+def test_a_single_pass_predictor_that_drops_a_heatmap_is_an_error() -> None:
+    with pytest.raises(ValueError, match="1 heatmaps for 2 image"):
+        predict(_DroppingSinglePass(), [_read_study(1, [0.2, 0.3])])

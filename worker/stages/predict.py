@@ -1,10 +1,22 @@
 """Stage 3, predict: the model over every usable image, several studies' images per call.
 
-The usable images of all given studies are pooled and go through
-:meth:`~worker.predictor.Predictor.predict` in chunks of the configured batch
-size (one call when they fit), then the chest radiographs among them through
-:meth:`~worker.predictor.Predictor.heatmaps` the same way. Results are handed
-back per study, in image order.
+The usable images of all given studies are pooled and go through the model
+in chunks of the configured batch size (one call when they fit). Results are
+handed back per study, in image order; an image has a heatmap exactly when the
+guard judged it a chest radiograph.
+
+Two ways through the model, timed under the same two keys:
+
+* a :class:`~worker.predictor.SinglePassPredictor` (production): one
+  :meth:`~worker.predictor.SinglePassPredictor.predict_with_heatmaps` call per
+  chunk, one forward pass giving probability and Grad-CAM. ``inference`` is
+  that whole call (forward, Grad-CAM backward, map upsampling);
+  ``heatmaps`` only keeping the chest images' maps (the others are dropped),
+  so it is close to zero.
+* any other :class:`~worker.predictor.Predictor`:
+  :meth:`~worker.predictor.Predictor.predict` over every image (``inference``),
+  then :meth:`~worker.predictor.Predictor.heatmaps` over the chest radiographs
+  among them (``heatmaps``), a second pass.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
-from worker.predictor import Image, Prediction, Predictor
+from worker.predictor import Image, Prediction, Predictor, SinglePassPredictor, single_pass
 from worker.stages.load import LoadedStudy
 from worker.stages.read import ReadInstance, ReadStudy
 from worker.stages.timing import StageTimer, timed
@@ -85,10 +97,47 @@ def _in_batches(
     for start in range(0, len(images), max(1, size)):
         chunk = images[start : start + size]
         got = list(call(chunk))
-        if len(got) != len(chunk):
-            raise ValueError(f"predictor returned {len(got)} {what} for {len(chunk)} image(s)")
+        _check_count(got, chunk, what)
         out += got
     return out
+
+
+def _check_count(got: Sequence[object], chunk: Sequence[Image], what: str) -> None:
+    if len(got) != len(chunk):
+        raise ValueError(f"predictor returned {len(got)} {what} for {len(chunk)} image(s)")
+
+
+def _joint(
+    predictor: SinglePassPredictor, images: Sequence[Image]
+) -> list[tuple[Prediction, npt.NDArray[np.float32]]]:
+    """One single-pass call: (prediction, heatmap) per image of ``images``."""
+    predictions, maps = predictor.predict_with_heatmaps(images)
+    _check_count(predictions, images, "predictions")
+    _check_count(maps, images, "heatmaps")
+    return list(zip(predictions, maps, strict=True))
+
+
+def _run_model(
+    predictor: Predictor,
+    images: Sequence[Image],
+    batch_size: int | None,
+    timer: StageTimer | None,
+) -> tuple[list[Prediction], dict[int, npt.NDArray[np.float32]]]:
+    """(prediction of every image, heatmap of each chest one by index): one pass if it can."""
+    single = single_pass(predictor)
+    if single is not None:
+        with timed(timer, "inference"):
+            pairs = _in_batches(lambda chunk: _joint(single, chunk), images, batch_size, "results")
+        with timed(timer, "heatmaps"):
+            predictions = [p for p, _ in pairs]
+            kept = {j: m for j, (p, m) in enumerate(pairs) if p.is_chest}
+        return predictions, kept
+    with timed(timer, "inference"):
+        predictions = _in_batches(predictor.predict, images, batch_size, "predictions")
+    chest = [j for j, p in enumerate(predictions) if p.is_chest]
+    with timed(timer, "heatmaps"):
+        maps = _in_batches(predictor.heatmaps, [images[j] for j in chest], batch_size, "heatmaps")
+    return predictions, dict(zip(chest, maps, strict=True))
 
 
 def predict(
@@ -101,10 +150,12 @@ def predict(
     """Run ``predictor`` over the usable images of ``studies`` together; one result per study.
 
     Images of different studies share calls: with ``batch_size`` None, one
-    :meth:`~worker.predictor.Predictor.predict` call takes them all; otherwise
-    each call takes at most ``batch_size`` (``PNEUMO_BATCH_SIZE``). Timed as
-    ``inference`` and ``heatmaps``. The predictor is not called at all when
-    there is nothing to predict (or no chest image to explain).
+    call takes them all; otherwise each call takes at most ``batch_size``
+    (``PNEUMO_BATCH_SIZE``). A :class:`~worker.predictor.SinglePassPredictor`
+    is called once per chunk; any other predictor through ``predict`` and then
+    ``heatmaps`` (see the module docstring). Timed as ``inference`` and
+    ``heatmaps``. The predictor is not called at all when there is nothing to
+    predict (nor ``heatmaps`` when there is no chest image to explain).
 
     Raises:
         ValueError: ``batch_size`` is below 1, or the predictor returned a
@@ -115,12 +166,7 @@ def predict(
         raise ValueError("batch_size must be at least 1")
     usable = _usable(studies)
     images = [image for *_, image in usable]
-    with timed(timer, "inference"):
-        predictions = _in_batches(predictor.predict, images, batch_size, "predictions")
-    chest = [j for j, p in enumerate(predictions) if p.is_chest]
-    with timed(timer, "heatmaps"):
-        maps = _in_batches(predictor.heatmaps, [images[j] for j in chest], batch_size, "heatmaps")
-    heatmap_of = dict(zip(chest, maps, strict=True))
+    predictions, heatmap_of = _run_model(predictor, images, batch_size, timer)
     per_study: list[list[PredictedImage]] = [[] for _ in studies]
     for j, ((k, item, ds, image), p) in enumerate(zip(usable, predictions, strict=True)):
         per_study[k].append(PredictedImage(item, ds, image, p, heatmap_of.get(j)))
