@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.access import Feedback, FinalLabel
-from db.models import ModelVersion, Result, Study
+from db.models import ModelVersion, Result, Study, model_label
 from db.queries import model_version_matches
 
 __all__ = [
@@ -156,8 +156,8 @@ def _resolve(session: Session, label: str) -> tuple[str, list[int]]:
         every = session.execute(
             select(ModelVersion.name, ModelVersion.version).order_by(ModelVersion.id)
         ).all()
-        raise UnknownVersion(label, list(dict.fromkeys(f"{n}-{v}" for n, v in every)))
-    names = dict.fromkeys(f"{name}-{version}" for _, name, version in rows)
+        raise UnknownVersion(label, list(dict.fromkeys(model_label(n, v) for n, v in every)))
+    names = dict.fromkeys(model_label(name, version) for _, name, version in rows)
     return ",".join(names), [row[0] for row in rows]
 
 

@@ -35,6 +35,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Deterministic constraint names, so migrations and models agree on every dialect.
 __all__ = [
+    "model_label",
     "Base",
     "Delivery",
     "DeliveryStatus",
@@ -146,6 +147,16 @@ class ModelVersion(Base):
     intended_population: Mapped[str] = mapped_column(Text, default="")
     max_age_years: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    @property
+    def label(self) -> str:
+        """How people name it: ``pneumonet-1.0.0``."""
+        return model_label(self.name, self.version)
+
+
+def model_label(name: str, version: str) -> str:
+    """The one spelling of a model version for people: ``<name>-<version>``."""
+    return f"{name}-{version}"
 
 
 class Study(Base):

@@ -31,6 +31,7 @@ from db.models import (
     SelectionStatus,
     Study,
     StudyStatus,
+    model_label,
 )
 
 __all__ = [
@@ -421,7 +422,7 @@ class ModelView:
 
     @property
     def label(self) -> str:
-        return f"{self.name}-{self.version}"
+        return model_label(self.name, self.version)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -756,7 +757,7 @@ def study_history(
             probability=result.probability,
             threshold=result.threshold,
             flags=tuple(result.flags or ()),
-            model=f"{model.name}-{model.version}",
+            model=model.label,
             created_at=result.created_at,
         )
         for study, result, model in session.execute(stmt).all()

@@ -484,7 +484,7 @@ def recent_results(
                 finding=result.finding,
                 probability=result.probability,
                 threshold=result.threshold,
-                model=f"{model.name}-{model.version}",
+                model=model.label,
                 flags=tuple(result.flags or ()),
                 sr_path=result.sr_path,
                 deliveries=deliveries,

@@ -12,8 +12,8 @@ Usage (after evaluating each set with ``pneumo evaluate --data ... --out DIR``):
         --eval kermany/test=runs/kermany-test/metrics.json \\
         --eval pneumoniamnist/test=runs/mnist/metrics.json \\
         --ood-check runs/ood-check.json --note "free text" \\
-        --experiment resnet18-shift=/work/runs/r18-shift-v2/export/pneumonet-2.0.0.pt:test \\
-        --experiment quick=/work/runs/quick/export/pneumonet-2.0.0-quick.pt ...
+        --experiment resnet18-shift=runs/r18-shift-v2/export/pneumonet-2.0.0.pt:test \\
+        --experiment quick=runs/quick/export/pneumonet-2.0.0-quick.pt ...
 
 Each ``--experiment NAME=WEIGHTS[:test]`` adds a row to the card's experiment table
 (validation and perturbed-validation figures, CPU time) from what that candidate's

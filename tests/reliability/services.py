@@ -27,6 +27,7 @@ from sqlalchemy import func, select
 from db.engine import get_engine, session_scope
 from db.models import Job, JobKind, JobStatus, Result, Study, StudyStatus
 from tests.conftest import free_port, port_open
+from tests.e2e.conftest import Processes, logs
 from tests.paths import REPO
 
 __all__ = [
@@ -162,23 +163,14 @@ class PrivatePostgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-@dataclass
-class WorkerProcesses:
+class WorkerProcesses(Processes):
     """``pneumo worker`` processes started by a test; killed (whole group) at teardown."""
 
-    root: Path
-    started: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def start(self, env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
-        log = open(self.root / f"{name}.log", "ab")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pneumo.cli", "worker", "--concurrency", "1",
-             "--hostname", f"{name}@{uuid.uuid4().hex[:6]}"],
-            env=env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        self.started.append(process)
-        return process
+    def start_worker(self, env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
+        """A one-process worker with a unique Celery node name, logging to ``<name>.log``."""
+        args = [sys.executable, "-m", "pneumo.cli", "worker", "--concurrency", "1",
+                "--hostname", f"{name}@{uuid.uuid4().hex[:6]}"]  # fmt: skip
+        return self.start(name, args, env)
 
     def kill(self, process: subprocess.Popen[bytes]) -> None:
         """SIGKILL the whole worker: main process and pool children (a host that died)."""
@@ -189,25 +181,7 @@ class WorkerProcesses:
         process.wait(10)
 
     def logs(self) -> str:
-        return "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}"
-            for p in sorted(self.root.glob("*.log"))
-        )
-
-    def close(self) -> None:
-        for process in self.started:
-            if process.poll() is None:
-                process.terminate()
-        for process in self.started:
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            process.wait()
+        return logs(self.root)
 
 
 def worker_env(data_dir: Path, **settings: str) -> dict[str, str]:

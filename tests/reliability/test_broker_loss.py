@@ -45,7 +45,7 @@ def test_redis_restarted_mid_processing(
     env = stack.env(fault_test_delay_seconds="2", reconcile_stale_seconds="5")
     url = stack.database_url
     studies = [stack.record() for _ in range(3)]
-    workers.start(env, "survivor")
+    workers.start_worker(env, "survivor")
     for study_id in studies:
         stack.publish(study_id)
     stack.wait_running(studies[0])
@@ -69,7 +69,7 @@ def test_flushall_after_publishing_is_reconciled(
     for study_id in studies:
         stack.publish(study_id)
     private_redis.flushall()  # every wake-up gone before any worker saw it
-    workers.start(env, "reconciling")
+    workers.start_worker(env, "reconciling")
     wait_all_done(url, studies, workers)
     assert_done_once(url, studies)
 
@@ -89,7 +89,7 @@ def test_delivery_failed_while_the_pacs_was_down_is_reconciled(
     )
     url = stack.database_url
     study_id = stack.record()
-    workers.start(env, "sender")
+    workers.start_worker(env, "sender")
     stack.publish(study_id)
     wait_all_done(url, [study_id], workers)
 

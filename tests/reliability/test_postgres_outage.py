@@ -38,7 +38,7 @@ def test_studies_done_after_a_postgres_outage_mid_processing(
     env = stack.env(fault_test_delay_seconds="2", task_retry_backoff_seconds="0.5")
     url = stack.database_url
     studies = [stack.record() for _ in range(3)]
-    workers.start(env, "steady")
+    workers.start_worker(env, "steady")
     for study_id in studies:
         stack.publish(study_id)
     stack.wait_running(studies[0])

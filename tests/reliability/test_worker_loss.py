@@ -47,7 +47,7 @@ def test_whole_worker_killed_mid_study_is_picked_up_within_a_minute(
     # only the study is slowed down, so that the kill lands mid-study.
     env = stack.env(fault_test_delay_seconds="6")
     url = stack.database_url
-    first = workers.start(env, "doomed")
+    first = workers.start_worker(env, "doomed")
     study_id = stack.record()
     stack.publish(study_id)
     stack.wait_running(study_id)
@@ -62,7 +62,7 @@ def test_whole_worker_killed_mid_study_is_picked_up_within_a_minute(
     wait_until(beats_with_the_task, 10, "the worker's heartbeat to list the running task")
     workers.kill(first)  # SIGKILL to the whole process group: no goodbye, no requeue
     killed_at = time.monotonic()
-    workers.start(env, "rescuer")
+    workers.start_worker(env, "rescuer")
     wait_all_done(url, [study_id], workers)
     recovered = time.monotonic() - killed_at
     print(f"\nhost loss: study done {recovered:.1f}s after the worker was SIGKILLed")
@@ -84,7 +84,7 @@ def test_pool_child_killed_on_every_attempt_is_dead_lettered(
     stack = Stack.on_sqlite(tmp_path, private_redis.url)
     env = stack.env(fault_test_delay_seconds="2", task_max_retries="2")
     url = stack.database_url
-    worker = workers.start(env, "crashy")
+    worker = workers.start_worker(env, "crashy")
     poisonous, healthy = stack.record(), stack.record()
     stack.publish(poisonous)
     killed: set[int] = set()
@@ -128,7 +128,7 @@ def test_time_limit_is_a_recorded_failure(
         fault_test_delay_seconds="30", task_time_limit_seconds="10", task_max_retries="0"
     )
     url = stack.database_url
-    workers.start(env, "slow")
+    workers.start_worker(env, "slow")
     study_id = stack.record()
     stack.publish(study_id)
 
