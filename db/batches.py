@@ -265,8 +265,14 @@ class Selection:
     """The matching :class:`db.queries.StudySummary` rows, in the same order."""
 
 
-def select_studies(session: Session, selector: Selector) -> Selection:
+def select_studies(
+    session: Session, selector: Selector, *, include_purged: bool = False
+) -> Selection:
     """The studies ``selector`` matches, through :func:`db.queries.search_studies`.
+
+    Studies whose spooled pixels were purged are left out (and listed in
+    ``purged``) unless ``include_purged``: the caller can fetch them back from
+    the PACS (``PNEUMO_PACS``; the worker retrieves missing files before reading).
 
     Raises:
         ValueError: when the selector is empty (use ``everything`` for all studies).
@@ -303,6 +309,8 @@ def select_studies(session: Session, selector: Selector) -> Selection:
                 .distinct()
             ).scalars()
         )
+    if include_purged:
+        purged = set()
     kept = [row for row in rows if row.study_uid not in purged]
     return Selection(
         study_ids=tuple(ids[row.study_uid] for row in kept),

@@ -44,6 +44,7 @@ __all__ = [
     "Job",
     "JobKind",
     "JobStatus",
+    "ModelActivation",
     "ModelVersion",
     "NAMING_CONVENTION",
     "Result",
@@ -152,6 +153,27 @@ class ModelVersion(Base):
     def label(self) -> str:
         """How people name it: ``pneumonet-1.0.0``."""
         return model_label(self.name, self.version)
+
+
+class ModelActivation(Base):
+    """One ``pneumo models activate``: the model version new work loads, and from which file.
+
+    Append-only: the newest row (highest id) is the active model, one for the
+    whole installation (:mod:`db.models_registry`); earlier rows are the
+    history of who activated what, when. ``path`` is the weights file as the
+    workers see it; its sha256 must equal the model version's, or the worker
+    refuses to load it.
+    """
+
+    __tablename__ = "model_activation"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_version.id"), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    activated_by: Mapped[str] = mapped_column(String(128))  # OS user (CLI) or token user (API)
+    activated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    model_version: Mapped[ModelVersion] = relationship()
 
 
 def model_label(name: str, version: str) -> str:

@@ -584,6 +584,48 @@ def result_file_paths(session: Session, result_id: int) -> list[str] | None:
     return paths + [p for p in sc_paths if p]
 
 
+@dataclass(frozen=True)
+class PreviousSR:
+    """The result SR of the newest earlier revision of a study, as recorded."""
+
+    study_uid: str
+    revision: int
+    model_version: str
+    """The version (e.g. ``1.0.0``) of the model that made it: part of its series UID."""
+    sop_instance_uid: str
+    path: str | None
+
+
+def previous_sr(session: Session, study_id: int, revision: int) -> PreviousSR | None:
+    """The SR of the newest revision before ``revision`` that has one; None when none does.
+
+    A revision without an SR (no usable image) is passed over: the report
+    that came before is the one a new SR replaces.
+    """
+    row = session.execute(
+        select(
+            Study.study_uid,
+            Result.revision,
+            ModelVersion.version,
+            Result.sr_sop_instance_uid,
+            Result.sr_path,
+        )
+        .join(Study, Study.id == Result.study_id)
+        .join(ModelVersion, ModelVersion.id == Result.model_version_id)
+        .where(
+            Result.study_id == study_id,
+            Result.revision < revision,
+            Result.sr_sop_instance_uid.is_not(None),
+        )
+        .order_by(Result.revision.desc(), Result.id.desc())
+        .limit(1)
+    ).one_or_none()
+    if row is None:
+        return None
+    study_uid, earlier, version, sop_instance_uid, path = row
+    return PreviousSR(str(study_uid), int(earlier), str(version), str(sop_instance_uid), path)
+
+
 def delivery_status(session: Session, delivery_id: int) -> DeliveryStatus | None:
     """The status of a delivery row; None when ``delivery_id`` is unknown."""
     status: DeliveryStatus | None = session.execute(
@@ -658,6 +700,33 @@ def mark_pixels_purged(session: Session, study_id: int, sop_instance_uids: Seque
         .values(selection=SelectionStatus.SKIPPED, skip_reason=PIXELS_PURGED)
     )
     return int(getattr(updated, "rowcount", 0) or 0)
+
+
+def record_retrieved_files(session: Session, study_id: int, paths: Mapping[str, str]) -> int:
+    """Record where instances fetched back from the PACS now are (SOP Instance UID -> path).
+
+    Each row gets its new path and, when retention had marked it
+    :data:`PIXELS_PURGED`, its selection back to pending: the pixels are
+    readable again. Returns how many rows changed.
+    """
+    changed = 0
+    for sop_instance_uid, path in paths.items():
+        updated = session.execute(
+            update(Instance)
+            .where(Instance.study_id == study_id, Instance.sop_instance_uid == sop_instance_uid)
+            .values(path=str(path))
+        )
+        session.execute(
+            update(Instance)
+            .where(
+                Instance.study_id == study_id,
+                Instance.sop_instance_uid == sop_instance_uid,
+                Instance.skip_reason == PIXELS_PURGED,
+            )
+            .values(selection=SelectionStatus.PENDING, skip_reason=None)
+        )
+        changed += int(getattr(updated, "rowcount", 0) or 0)
+    return changed
 
 
 def study_pixels_purged(session: Session, study_uid: str) -> bool:

@@ -17,6 +17,7 @@ responsibility each:
 ``sanitize``       header hygiene: invalid DA/TM, NUL bytes, redacted library logs
 ``sr`` / ``sc``    the result SR and heatmap Secondary Capture
 ``send``           C-STORE SCU with retries
+``retrieve``       Query/Retrieve SCU: C-FIND, C-GET and C-MOVE from the PACS
 ``uids``           the UID grammar and derived UIDs
 =================  ============================================================
 

@@ -12,6 +12,13 @@ A file written here is either absent or complete after a crash at any point:
 
 Folders created here are ``0700``. The spool, the study-assembly journal and
 the result SR/SC files all go through these functions.
+
+Group commit (step 4): renames into one folder from several threads at once
+(several associations receiving the same study) share directory flushes. A
+flush started after a rename covers it, so a caller whose rename is covered
+by a flush that started after it returns when that flush ends, instead of
+queueing a flush of its own; nobody returns before a flush that started after
+its own rename has succeeded (:func:`sync_dir`).
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ from __future__ import annotations
 import errno
 import io
 import os
+import threading
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -31,6 +40,7 @@ __all__ = [
     "commit",
     "fsync_dir",
     "make_private_dirs",
+    "sync_dir",
     "write_atomic",
     "write_part10",
     "write_temp",
@@ -53,6 +63,64 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@dataclass
+class _FolderFlushes:
+    """Flush bookkeeping of one folder: tickets handed out, tickets made durable."""
+
+    requested: int = 0
+    flushed: int = 0
+    running: bool = False
+    users: int = 0
+
+
+_flushes: dict[str, _FolderFlushes] = {}
+_flushes_changed = threading.Condition()
+
+
+def sync_dir(path: Path) -> None:
+    """Make every change already made in folder ``path`` durable, sharing flushes (group commit).
+
+    Call it after the rename (or creation) it must make durable. Concurrent
+    callers for the same folder need one :func:`fsync_dir` between them when
+    it started after all their changes; a caller never returns before a flush
+    that started after its call has succeeded. A failed flush raises in the
+    caller that ran it; the callers it would have covered flush for themselves.
+
+    Raises:
+        OSError: the folder cannot be opened or flushed.
+    """
+    key = os.fspath(path)
+    with _flushes_changed:
+        state = _flushes.setdefault(key, _FolderFlushes())
+        state.users += 1
+        state.requested += 1
+        ticket = state.requested
+    try:
+        while True:
+            with _flushes_changed:
+                while state.running and state.flushed < ticket:
+                    _flushes_changed.wait()
+                if state.flushed >= ticket:
+                    return
+                state.running = True
+                covered = state.requested  # every caller so far changed the folder before this
+            done = False
+            try:
+                fsync_dir(path)
+                done = True
+            finally:
+                with _flushes_changed:
+                    state.running = False
+                    if done:
+                        state.flushed = max(state.flushed, covered)
+                    _flushes_changed.notify_all()
+    finally:
+        with _flushes_changed:
+            state.users -= 1
+            if state.users == 0 and _flushes.get(key) is state:
+                del _flushes[key]
 
 
 def make_private_dirs(path: Path) -> list[Path]:
@@ -135,7 +203,7 @@ def commit(tmp: Path, final: Path) -> None:
     """
     created = make_private_dirs(final.parent)
     os.replace(tmp, final)
-    fsync_dir(final.parent)
+    sync_dir(final.parent)
     for d in created:
         fsync_dir(d.parent)
 

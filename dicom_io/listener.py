@@ -60,6 +60,7 @@ from dicom_io.spool import (
 from dicom_io.tuning import server_contexts, tune_connection
 
 __all__ = [
+    "REFUSAL_STATUS",
     "STATUS_CANNOT_UNDERSTAND",
     "STATUS_DATASET_MISMATCH",
     "STATUS_OUT_OF_RESOURCES",
@@ -116,12 +117,13 @@ def storage_sop_classes() -> list[str]:
 _WATERMARK_FACTOR = 2
 _WATERMARK_WARN_INTERVAL = 60.0
 
-_REFUSAL_STATUS = {
+REFUSAL_STATUS: dict[RefusalKind, int] = {
     RefusalKind.INVALID_UID: STATUS_DATASET_MISMATCH,
     RefusalKind.UID_MISMATCH: STATUS_DATASET_MISMATCH,
     RefusalKind.UNREADABLE: STATUS_CANNOT_UNDERSTAND,
     RefusalKind.TOO_LARGE: STATUS_OUT_OF_RESOURCES,
 }
+"""The C-STORE status for each way the spool refuses an instance (also used by C-GET)."""
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -338,7 +340,7 @@ class Listener:
             )
         except SpoolRefusal as exc:
             self._count("refused")
-            code = _REFUSAL_STATUS[exc.kind]
+            code = REFUSAL_STATUS[exc.kind]
             # The message names attributes only; never values (may be PHI).
             log.warning("C-STORE from %s refused (0x%04X): %s", calling, code, exc)
             return _status(code, str(exc))

@@ -23,7 +23,14 @@ from dicom_io.config import Destination, TLSConfig, validate_ae_title
 from dicom_io.tuning import set_nodelay
 from dicom_io.uids import is_valid_uid
 
-__all__ = ["MAX_CONTEXTS", "SendResult", "expand_paths", "send_files"]
+__all__ = [
+    "MAX_CONTEXTS",
+    "SendResult",
+    "client_ssl_context",
+    "expand_paths",
+    "require_peer_verification",
+    "send_files",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +100,12 @@ def _inspect(path: Path) -> _Item | str:
     return _Item(path=path, sop_class_uid=sop_class, transfer_syntax_uid=ts)
 
 
-def _require_peer_verification(tls: TLSConfig | None) -> None:
+def require_peer_verification(tls: TLSConfig | None) -> None:
+    """Refuse TLS without a CA file: the peer's certificate must be verified.
+
+    Raises:
+        ValueError: ``tls`` is set and has no ``ca_file``.
+    """
     if tls is not None and tls.ca_file is None:
         raise ValueError(
             "TLSConfig.ca_file is required when sending over TLS: the peer's "
@@ -101,7 +113,7 @@ def _require_peer_verification(tls: TLSConfig | None) -> None:
         )
 
 
-def _client_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
+def client_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
     """Client-side DICOM TLS (PS3.15 Annex B.9): the peer is verified, our certificate presented.
 
     The peer's certificate must chain to ``tls.ca_file`` (``CERT_REQUIRED``).
@@ -109,7 +121,7 @@ def _client_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
     their certificates rarely carry it, so trust is anchored in the
     (hospital's own) CA instead.
     """
-    _require_peer_verification(tls)
+    require_peer_verification(tls)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False
@@ -158,7 +170,7 @@ def _send_once(
         ae = AE(ae_title=calling_ae)
         ae.requested_contexts = contexts
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-        tls_args = (_client_ssl_context(tls), None) if tls is not None else None
+        tls_args = (client_ssl_context(tls), None) if tls is not None else None
         try:
             assoc = ae.associate(
                 destination.host,
@@ -224,7 +236,7 @@ def send_files(
             ``ca_file`` (an unverified peer is never sent PHI).
     """
     calling_ae = validate_ae_title(calling_ae)
-    _require_peer_verification(tls)
+    require_peer_verification(tls)
     files = expand_paths(paths)
     items: list[_Item] = []
     unreadable: list[tuple[Path, str]] = []

@@ -23,6 +23,11 @@ from the evidence by highdicom), in its own series, with Completion Flag
 COMPLETE and Verification Flag UNVERIFIED: a machine result that no human has
 signed. Its SOP Instance UID is :func:`result_sr_uid`, so sending the same
 result again replaces the earlier object at the PACS instead of adding one.
+
+A reprocessed study gets a new revision and so a new SR, which names the SR
+of the revision before it in the Predecessor Documents Sequence (0040,A360)
+of the SR Document General Module (PS3.3 §C.17.2): the PACS and a reader can
+tell which report replaces which (:class:`SRReference`).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from highdicom.sr import (
 )
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import Comprehensive3DSRStorage
 
 from dicom_io.sanitize import sanitize_header
 from dicom_io.uids import derive_uid, require_uid
@@ -71,8 +77,10 @@ __all__ = [
     "PNEUMONIA",
     "PRESENT",
     "ABSENT",
+    "SRReference",
     "build_result_sr",
     "no_phi_warnings",
+    "result_sr_reference",
     "result_sr_uid",
     "result_series_uid",
 ]
@@ -174,6 +182,69 @@ def result_series_uid(study_uid: str, model_version: str) -> str:
     """Series Instance UID shared by every revision of the result SR of a study."""
     require_uid(study_uid, "Study Instance UID")
     return derive_uid("pneumo-sr-series", study_uid, model_version)
+
+
+@dataclass(frozen=True)
+class SRReference:
+    """An SR document another one names in its Predecessor Documents Sequence (0040,A360).
+
+    The four UIDs of a Hierarchical SOP Instance Reference (PS3.3 §C.17.2.3,
+    Table C.17-3): study, series, SOP class and SOP instance.
+
+    Raises:
+        InvalidUIDError: from ``__post_init__``, a UID is not valid (PS3.5 §9.1);
+            the message names which.
+    """
+
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+
+    def __post_init__(self) -> None:
+        for attr in ("study_uid", "series_uid", "sop_class_uid", "sop_instance_uid"):
+            require_uid(getattr(self, attr), f"SRReference.{attr}")
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> SRReference:
+        """The reference to an SR data set (a file read back, headers are enough).
+
+        Raises:
+            InvalidUIDError: a UID is missing or invalid.
+        """
+        return cls(
+            str(ds.get("StudyInstanceUID", "")),
+            str(ds.get("SeriesInstanceUID", "")),
+            str(ds.get("SOPClassUID", "")),
+            str(ds.get("SOPInstanceUID", "")),
+        )
+
+    def as_dataset(self) -> Dataset:
+        """The four UIDs as a data set, the form highdicom's ``previous_versions`` takes."""
+        ds = Dataset()
+        ds.StudyInstanceUID = self.study_uid
+        ds.SeriesInstanceUID = self.series_uid
+        ds.SOPClassUID = self.sop_class_uid
+        ds.SOPInstanceUID = self.sop_instance_uid
+        return ds
+
+
+def result_sr_reference(study_uid: str, model_version: str, sop_instance_uid: str) -> SRReference:
+    """The reference to a result SR this module built, from its recorded SOP Instance UID.
+
+    Our result SRs are Comprehensive 3D SR in the series :func:`result_series_uid`
+    of (study, model version): the UIDs a database keeps are enough to name one
+    whose file is gone.
+
+    Raises:
+        InvalidUIDError: a UID is not valid (PS3.5 §9.1).
+    """
+    return SRReference(
+        study_uid=study_uid,
+        series_uid=result_series_uid(study_uid, model_version),
+        sop_class_uid=str(Comprehensive3DSRStorage),
+        sop_instance_uid=sop_instance_uid,
+    )
 
 
 def _finding_group(
@@ -331,6 +402,7 @@ def build_result_sr(
     revision: int,
     summary: str,
     flags: Sequence[str] = (),
+    predecessors: Sequence[SRReference] = (),
 ) -> Comprehensive3DSR:
     """Build the result SR for one study.
 
@@ -338,12 +410,15 @@ def build_result_sr(
     enough); each ``findings[i].source`` must be among them, and there must be
     at least one finding. Patient and study values are copied sanitised
     (:mod:`dicom_io.sanitize`): an invalid date or a NUL in an ID never fails
-    the build, and the caller's data sets are not changed.
+    the build, and the caller's data sets are not changed. ``predecessors``
+    (the SR of the previous revision, when there is one) go into the
+    Predecessor Documents Sequence (0040,A360).
 
     Raises:
         ValueError: evidence spans several studies, a finding's image is not
             in the evidence, there is no evidence or no finding, ``revision``
-            is negative, or an evidence UID is invalid
+            is negative, a predecessor is the SR being built or belongs to
+            another study, or an evidence UID is invalid
             (:class:`dicom_io.uids.InvalidUIDError`).
     """
     if not evidence:
@@ -369,6 +444,11 @@ def build_result_sr(
     # Empty TEXT values are not allowed (Text Value is Type 1, PS3.3 §C.17.3.2).
     flags = tuple(str(f).strip() for f in flags if str(f).strip())
     sr_uid = result_sr_uid(study_uid, algorithm.version, revision)
+    for predecessor in predecessors:
+        if predecessor.sop_instance_uid == sr_uid:
+            raise ValueError("predecessors must not include the SR being built")
+        if predecessor.study_uid != study_uid:
+            raise ValueError("a predecessor SR must belong to the same study")
     algorithm_id = AlgorithmIdentification(
         name=algorithm.name,
         version=algorithm.version,
@@ -401,6 +481,7 @@ def build_result_sr(
             evidence,
             summary,
             flags,
+            tuple(predecessors),
         )
 
 
@@ -414,6 +495,7 @@ def _assemble(
     evidence: Sequence[Dataset],
     summary: str,
     flags: tuple[str, ...],
+    predecessors: tuple[SRReference, ...],
 ) -> Comprehensive3DSR:
     report = MeasurementReport(
         observation_context=observation_context,
@@ -437,6 +519,7 @@ def _assemble(
         is_complete=True,
         is_final=False,
         is_verified=False,
+        previous_versions=[p.as_dataset() for p in predecessors] or None,
         # Always UTF-8 (PS3.3 §C.12.1.1.2): summaries may hold any text, and
         # names copied from the evidence are re-encoded correctly whatever
         # character set the source used.

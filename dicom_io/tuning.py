@@ -2,18 +2,38 @@
 
 Kept apart from :mod:`dicom_io.listener` because each one reaches into a
 library's internals (pynetdicom 3.0: ``AssociationSocket.recv``, the deep
-copy of supported contexts); when pynetdicom changes, this
-is the one module to revisit. Each patch keeps pynetdicom's semantics and has
-a test in ``tests/dicom_receive/test_tuning.py``.
+copy of supported contexts, the reactors' polling sleeps); when pynetdicom
+changes, this is the one module to revisit. Each patch keeps pynetdicom's
+semantics and has a test in ``tests/dicom_receive/test_tuning.py``.
+
+Latency of one C-STORE over one association (the sender waits for each
+response): pynetdicom's two threads per association poll. The DUL reactor
+sleeps 1 ms whenever it found nothing to do, so an arriving request and our
+queued response each waited up to 1 ms, and on a busy machine every such
+wake-up costs a scheduling delay on top; the association reactor sleeps 1 ms
+per loop before it looks for a decoded message. :func:`tune_connection`
+makes both wait on the thing they wait for: the DUL reactor in ``select()``
+on its socket and on a wake-up pipe written when a PDU is queued for sending
+(still at most its 1 ms, so its timers and kill flag are checked as often as
+before), the association reactor in a blocking ``get`` on its message queue
+(at most 10 ms, then it checks for release, abort and timeouts as before).
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import queue
+import select
 import socket
+import threading
+import time
 import types
+import weakref
 from typing import Any
 
+import pynetdicom.association
+import pynetdicom.dul
 from pynetdicom import AE
 from pynetdicom.presentation import PresentationContext
 
@@ -93,11 +113,171 @@ def set_nodelay(raw_socket: Any) -> None:
         pass
 
 
+# How long the association reactor blocks waiting for a decoded message before it
+# checks for release, abort and timeouts again (pynetdicom polls every 1 ms).
+_MESSAGE_WAIT_SECONDS = 0.01
+
+# The sleep at the top of each loop of pynetdicom's ``Association._run_reactor``
+# (its only sleep of this length).
+_ASSOCIATION_LOOP_SLEEP = 0.001
+
+
+class _ReactorClock:
+    """Stands in for the ``time`` module inside ``pynetdicom.dul`` and ``pynetdicom.association``.
+
+    ``sleep`` on a reactor thread that :func:`tune_connection` prepared calls
+    that thread's ``_pneumo_wait`` instead: the DUL reactor waits for its
+    socket or its wake-up pipe (never longer than asked), the association
+    reactor skips its per-loop sleep (its message poll waits instead). Every
+    other thread, and every other attribute, is the real ``time``.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        wait = getattr(threading.current_thread(), "_pneumo_wait", None)
+        if wait is None:
+            time.sleep(seconds)
+        else:
+            wait(seconds)
+
+
+_clock_lock = threading.Lock()
+
+
+def _install_reactor_clock() -> None:
+    with _clock_lock:
+        for module in (pynetdicom.dul, pynetdicom.association):
+            namespace = vars(module)
+            if not isinstance(namespace.get("time"), _ReactorClock):
+                namespace["time"] = _ReactorClock()
+
+
+def _association_wait(seconds: float) -> None:
+    """The association reactor's sleeps, minus the per-loop one (see :func:`_blocking_get_msg`)."""
+    if seconds != _ASSOCIATION_LOOP_SLEEP:
+        time.sleep(seconds)
+
+
+class _WakePipe:
+    """A pipe a DUL reactor waits on beside its socket; written when a PDU is queued.
+
+    Closed once, under a lock, so a late :meth:`wake` never writes to a
+    descriptor number the process has since reused for another file.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._closed = False
+
+    def fileno(self) -> int:
+        return self._read
+
+    def wake(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self._write, b"\0")
+            except OSError:  # full: a wake-up is pending anyway
+                pass
+
+    def drain(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.read(self._read, 4096)
+            except OSError:  # nothing to read
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self._read)
+            os.close(self._write)
+
+
+def _wake_on_send(dul: Any) -> bool:
+    """Make ``dul``'s idle sleep return when its socket is readable or a PDU is queued.
+
+    Only before the DUL thread starts (EVT_CONN_OPEN comes first): its thread
+    target is wrapped so that the wake-up pipe is closed when the reactor
+    ends. Returns whether it was installed.
+    """
+    target = getattr(dul, "_target", None)
+    started = getattr(dul, "_started", None)
+    if target is None or started is None or started.is_set():
+        return False
+    pipe = _WakePipe()
+    weakref.finalize(dul, pipe.close)  # a reactor that never ran
+    provider = weakref.ref(dul)
+    send_pdu = type(dul).send_pdu
+
+    def run_then_close() -> None:
+        try:
+            target()
+        finally:
+            pipe.close()
+
+    def send_and_wake(primitive: Any) -> None:
+        owner = provider()
+        if owner is None:
+            return
+        send_pdu(owner, primitive)
+        pipe.wake()
+
+    def wait(seconds: float) -> None:
+        owner = provider()
+        watched: list[Any] = [getattr(getattr(owner, "socket", None), "socket", None), pipe]
+        try:
+            readable, _, _ = select.select(watched, [], [], seconds)
+        except (OSError, TypeError, ValueError):  # no socket any more, or it closed
+            time.sleep(seconds)
+            return
+        if pipe in readable:
+            pipe.drain()
+
+    dul._target = run_then_close
+    dul.send_pdu = send_and_wake
+    dul._pneumo_wait = wait
+    return True
+
+
+def _blocking_get_msg(self: Any, block: bool = False) -> tuple[Any, Any]:
+    """DIMSE ``get_msg``: the reactor's non-blocking poll waits briefly for a message instead."""
+    try:
+        if block:
+            return self.msg_queue.get(block=True, timeout=self.dimse_timeout)  # type: ignore[no-any-return]
+        return self.msg_queue.get(block=True, timeout=_MESSAGE_WAIT_SECONDS)  # type: ignore[no-any-return]
+    except queue.Empty:
+        return None, None
+
+
 def tune_connection(assoc: Any) -> None:
-    """Per-connection tweaks for an accepted association (bound to EVT_CONN_OPEN)."""
-    sock = getattr(getattr(assoc, "dul", None), "socket", None)
+    """Per-connection tweaks for an accepted association (bound to EVT_CONN_OPEN).
+
+    Reads whole PDUs with few system calls, disables Nagle, and replaces the
+    reactors' polling sleeps with waits on what they poll for (module docstring).
+    """
+    dul = getattr(assoc, "dul", None)
+    sock = getattr(dul, "socket", None)
     if sock is None:
         return
     if hasattr(sock, "recv"):
         sock.recv = types.MethodType(_recv_exact, sock)
     set_nodelay(getattr(sock, "socket", None))
+    _install_reactor_clock()
+    _wake_on_send(dul)  # else the DUL reactor keeps pynetdicom's 1 ms polling
+    dimse = getattr(assoc, "dimse", None)
+    if dimse is not None and hasattr(dimse, "msg_queue"):
+        # Both or neither: without a waiting poll, skipping the loop sleep would spin.
+        dimse.get_msg = types.MethodType(_blocking_get_msg, dimse)
+        assoc._pneumo_wait = _association_wait

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from model.inference import read_weights_file, sha256_file
+from model.inference import NOT_CHEST_CODE, read_weights_file, sha256_file
 
 __all__ = [
     "INTENDED_USE",
@@ -135,6 +135,23 @@ def experiment_row(name: str, weights: Path, *, saw_test: bool = False) -> dict[
     }
 
 
+def _guard_lines(
+    ood_check: Mapping[str, Any] | None, primary: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    """The card's guard list: a ``model.guard_check`` JSON's ``summary`` (or a plain mapping),
+    plus how many images of the primary test set the guard turned away."""
+    lines: dict[str, Any] = {}
+    if ood_check:
+        lines.update(ood_check.get("summary", ood_check))
+    if primary and primary.get("n_total"):
+        flagged = int((primary.get("not_processed") or {}).get(NOT_CHEST_CODE, 0))
+        total = int(primary["n_total"])
+        lines[f"{PRIMARY_SET} chest images flagged (target <= 1 %)"] = (
+            f"{flagged} of {total} ({100 * flagged / total:.1f} %)"
+        )
+    return lines or None
+
+
 def build_card(
     weights: Path,
     evaluations: Mapping[str, Mapping[str, Any]],
@@ -142,8 +159,9 @@ def build_card(
     ood_check: Mapping[str, Any] | None = None,
     notes: Sequence[str] = (),
     experiments: Sequence[Mapping[str, Any]] = (),
+    adaptation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The card as a JSON-ready dict."""
+    """The card as a JSON-ready dict (``adaptation``: a ``model.adapt_check`` JSON)."""
     weights = Path(weights)
     payload = read_weights_file(weights)
     n_params = int(
@@ -265,11 +283,12 @@ def build_card(
             "normalised by its validation 99.5th percentile; score = max over "
             "stages; threshold = 1.25 x the validation 99.5th percentile",
             "threshold": float(payload["ood"]["threshold"]),
-            "check": dict(ood_check) if ood_check else None,
+            "check": _guard_lines(ood_check, evals.get(PRIMARY_SET)),
         },
         "evaluations": evals,
         "experiments": [dict(row) for row in experiments],
         "test_log": [row["candidate"] for row in experiments if row.get("saw_test")],
+        "adaptation": dict(adaptation) if adaptation else None,
         "targets": target_status(evaluations.get(PRIMARY_SET, {})),
         "limitations": list(LIMITATIONS),
         "notes": list(notes),
@@ -284,6 +303,10 @@ def _fmt_metric(entry: Any) -> str:
     if ci[0] is None or ci[1] is None:
         return f"{entry['value']:.3f}"
     return f"{entry['value']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _fmt_plain(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.3f}"
 
 
 def render_markdown(card: Mapping[str, Any]) -> str:
@@ -414,6 +437,29 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         )
         L.append(f"| {name} | {s['target']} | {val} | {met} |")
     L.append("")
+    if card.get("adaptation"):
+        a = card["adaptation"]
+        L.append(f"## Label-free site adaptation (on {a['dataset']}, apart from the targets)\n")
+        L.append(
+            f"Protocol: {a['protocol']}. AdaBN"
+            + (" and the class prior by EM" if a.get("prior") else "")
+            + "; no label of the adapting half is read. `pneumo model adapt --data DIR` "
+            "makes such a version for a site; the shipped model is the plain one.\n"
+        )
+        names = ("roc_auc", "sensitivity", "specificity", "accuracy", "ece")
+        L.append("| adapted on | scored on | n | " + " | ".join(names) + " |")
+        L.append("|---|---|---|" + "---|" * len(names))
+        for h in a["halves"]:
+            cells = [
+                f"{_fmt_plain(h['plain'].get(m))} -> {_fmt_plain(h['adapted'].get(m))}"
+                for m in names
+            ]
+            L.append(
+                f"| {h['adapted_on']} | {h['scored_on']} | {h['n_scored']} | "
+                + " | ".join(cells)
+                + " |"
+            )
+        L.append("\n(plain -> adapted, at each model's own threshold)\n")
     L.append("## Known limitations\n")
     for item in card["limitations"]:
         L.append(f"- {item}")
@@ -433,11 +479,17 @@ def write_model_card(
     notes: Sequence[str] = (),
     out_dir: Path | None = None,
     experiments: Sequence[Mapping[str, Any]] = (),
+    adaptation: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``<stem>.md`` and ``<stem>.json`` beside the weights (or in ``out_dir``)."""
     weights = Path(weights)
     card = build_card(
-        weights, evaluations, ood_check=ood_check, notes=notes, experiments=experiments
+        weights,
+        evaluations,
+        ood_check=ood_check,
+        notes=notes,
+        experiments=experiments,
+        adaptation=adaptation,
     )
     out = Path(out_dir) if out_dir else weights.parent
     out.mkdir(parents=True, exist_ok=True)
@@ -458,7 +510,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=METRICS_JSON",
         help="an evaluation's metrics.json (repeatable)",
     )
-    p.add_argument("--ood-check", type=Path, help="JSON object summarising the guard check")
+    p.add_argument(
+        "--ood-check", type=Path, help="the guard check's JSON (`pneumo model guard --out`)"
+    )
+    p.add_argument(
+        "--adaptation",
+        type=Path,
+        help="the split-half adaptation result (`pneumo model adapt-check --out`)",
+    )
     p.add_argument("--note", action="append", default=[])
     p.add_argument(
         "--experiment",
@@ -476,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--eval needs NAME=FILE, got {spec!r}")
         evaluations[name] = json.loads(Path(file).read_text())
     ood = json.loads(args.ood_check.read_text()) if args.ood_check else None
+    adaptation = json.loads(args.adaptation.read_text()) if args.adaptation else None
     experiments = []
     for spec in args.experiment:
         name, _, file = spec.partition("=")
@@ -492,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         notes=args.note,
         out_dir=args.out_dir,
         experiments=experiments,
+        adaptation=adaptation,
     )
     print(md)
     print(js)

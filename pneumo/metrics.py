@@ -24,14 +24,22 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+
+from worker.batcher import FORWARD_TIMING_PREFIX
 
 if TYPE_CHECKING:
     from dicom_io.listener import Listener
     from pneumo.settings import Settings
 
 __all__ = [
+    "BATCH_SIZE_BUCKETS",
     "BROKER_TIMEOUT_SECONDS",
     "QUANTILES",
     "WINDOW",
@@ -49,6 +57,9 @@ WINDOW = timedelta(hours=1)
 """Latency summaries cover the results created this recently (``result.created_at``, indexed)."""
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+"""Upper bounds of the ``pneumo_inference_batch_size`` buckets (images per model call)."""
 
 BROKER_TIMEOUT_SECONDS = 2.0
 """A scrape reports ``pneumo_broker_up 0`` rather than wait longer for the broker."""
@@ -264,13 +275,19 @@ class StateCollector(Collector):
             "pneumo_send_seconds",
             f"Seconds to send one result to a destination, results of the last {window}",
         )
+        passes: dict[int, float] = {}
         for key, samples in sorted(stages.items()):
             if key.startswith("send:"):
                 _add_summary(send, {"destination": key.removeprefix("send:")}, samples)
+            elif key.startswith(FORWARD_TIMING_PREFIX):
+                size = key.removeprefix(FORWARD_TIMING_PREFIX)
+                if size.isdigit():
+                    passes[int(size)] = passes.get(int(size), 0.0) + sum(samples)
             else:
                 _add_summary(stage, {"stage": key}, samples)
         yield stage
         yield send
+        yield _batch_sizes(passes, window)
         total = _summary(
             "pneumo_study_processing_seconds",
             f"Seconds from queueing a study to its result, results of the last {window}",
@@ -307,6 +324,24 @@ class StateCollector(Collector):
         )
         running.add_metric([], workers.running_tasks)
         yield running
+
+
+def _batch_sizes(passes: Mapping[int, float], window: str) -> Metric:
+    """``pneumo_inference_batch_size``: model calls by image count, of the results of the window.
+
+    Each call is counted once, on the result of the study whose images came
+    first in it (``forward_images:<n>`` timings, :mod:`worker.batcher`).
+    """
+    buckets: list[tuple[str, float]] = []
+    for bound in BATCH_SIZE_BUCKETS:
+        buckets.append((str(bound), sum(n for size, n in passes.items() if size <= bound)))
+    buckets.append(("+Inf", sum(passes.values())))
+    return HistogramMetricFamily(
+        "pneumo_inference_batch_size",
+        f"Images per model call (studies batched together), results of the last {window}",
+        buckets=buckets,
+        sum_value=sum(size * n for size, n in passes.items()),
+    )
 
 
 def _broker_reader(settings: Settings) -> Callable[[], Mapping[str, int | None]]:

@@ -31,7 +31,7 @@ from dicom_io.config import (
     validate_ae_title,
 )
 from worker import embedded_broker
-from worker.config import WorkerConfig
+from worker.config import WorkerConfig, WorkerPool
 
 __all__ = ["Settings", "load_settings"]
 
@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     tls_require_client_cert: bool = False
     send_retries: int = Field(default=3, ge=0)
     send_backoff_seconds: float = Field(default=2.0, ge=0)
+    # The PACS's Query/Retrieve SCP, AE@host:port: purged instance files are
+    # fetched back from it when a study is reprocessed (dicom_io.retrieve).
+    pacs: Destination | None = None
+    retrieve_method: Literal["get", "move"] = "get"
 
     # --- staff API ---------------------------------------------------------
     api_host: str = "127.0.0.1"
@@ -88,7 +92,12 @@ class Settings(BaseSettings):
 
     # --- processing ------------------------------------------------------
     model_path: Path | None = None
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=8, ge=1, description="images per forward pass")
+    batch_window_ms: float = Field(
+        default=10.0,
+        ge=0,
+        description="how long a forward pass waits for other studies' images; 0 = no batching",
+    )
     task_time_limit_seconds: int = Field(default=600, ge=10)
     task_max_retries: int = Field(default=3, ge=0)
     task_retry_backoff_seconds: float = Field(default=5.0, ge=0)
@@ -96,6 +105,14 @@ class Settings(BaseSettings):
         default=0, ge=0, description="CPU threads per worker process; 0 = cores / processes"
     )
     worker_warmup: bool = True  # load the model when a worker process starts
+    worker_pool: WorkerPool = Field(
+        default=WorkerPool.PREFORK,
+        description="prefork: a process per study, hard time limit enforced (default); "
+        "threads: studies share one model and batch their images (GPU hosts)",
+    )
+    worker_threads: int = Field(
+        default=4, ge=1, description="studies in flight in a threads-pool worker"
+    )
     heatmap_max_side: int = Field(
         default=1024, ge=0, description="longest side of the heatmap SC; 0 = source size"
     )
@@ -129,6 +146,18 @@ class Settings(BaseSettings):
     def _split_aets(cls, value: Any) -> Any:
         # "AE" or "AE@address" (IP or CIDR network), normalised: PACS@10.1.0.0/16
         return [str(AllowedPeer.parse(v)) for v in _comma_list(value)]
+
+    @field_validator("pacs", mode="before")
+    @classmethod
+    def _parse_pacs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                return None
+            try:
+                return Destination.parse(value)
+            except ValueError as exc:
+                raise ValueError(f"PNEUMO_PACS: {exc}") from None
+        return value
 
     @field_validator("destinations", mode="before")
     @classmethod
@@ -219,10 +248,14 @@ class Settings(BaseSettings):
             ae_title=self.ae_title,
             destinations=tuple(self.destinations),
             tls=self.tls_config(),
+            pacs=self.pacs,
+            retrieve_method=self.retrieve_method,
+            spool_dir=self.spool_dir,
             send_retries=self.send_retries,
             send_backoff_seconds=self.send_backoff_seconds,
             model_path=self.model_path,
             batch_size=self.batch_size,
+            batch_window_ms=self.batch_window_ms,
             task_time_limit_seconds=self.task_time_limit_seconds,
             task_max_retries=self.task_max_retries,
             task_retry_backoff_seconds=self.task_retry_backoff_seconds,

@@ -71,16 +71,20 @@ def start_batch(
     *,
     started_by: str,
     max_rate: float | None = None,
+    include_purged: bool = False,
 ) -> BatchStart:
     """Select the studies and record the batch with one queued item each (nothing published:
     :func:`pump_once` does, here or in the workers' reconcilers).
+
+    ``include_purged`` keeps studies whose pixels retention deleted (set it when a
+    PACS is configured to retrieve them from); otherwise they are left out.
 
     Raises:
         ValueError: an empty selector, or ``max_rate`` not positive.
         sqlalchemy.exc.SQLAlchemyError: when the database fails.
     """
     with session_scope(database_url) as session:
-        selection = store.select_studies(session, selector)
+        selection = store.select_studies(session, selector, include_purged=include_purged)
         batch_id = store.create_batch(
             session,
             started_by=started_by,

@@ -8,11 +8,22 @@ the environment or imports ``pneumo``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
+from typing import Literal
 
 from dicom_io.config import Destination, TLSConfig
 
-__all__ = ["WorkerConfig"]
+__all__ = ["WorkerConfig", "WorkerPool"]
+
+
+class WorkerPool(str, Enum):
+    """How a worker runs several studies at once (Celery ``--pool``)."""
+
+    THREADS = "threads"
+    """Threads in one process: the studies share one model and batch their images."""
+    PREFORK = "prefork"
+    """A process per study: each loads the model; the hard time limit kills a stuck one."""
 
 
 @dataclass(frozen=True)
@@ -38,12 +49,21 @@ class WorkerConfig:
     """Where results are sent (C-STORE)."""
     tls: TLSConfig | None = None
     """DICOM TLS for outbound associations."""
+    pacs: Destination | None = None
+    """The PACS's Query/Retrieve SCP (``PNEUMO_PACS``): where stage 1 fetches instance files
+    the spool no longer holds (:mod:`dicom_io.retrieve`); None = such a study fails."""
+    retrieve_method: Literal["get", "move"] = "get"
+    """C-GET on our own association, or C-MOVE to our listener (``ae_title``; same spool)."""
+    spool_dir: Path | None = None
+    """The listener's spool, where retrieved instances go; None = ``data_dir / "spool"``."""
     send_retries: int = 3
     send_backoff_seconds: float = 2.0
     model_path: Path | None = None
     """Weights file; None = the newest shipped weights."""
-    batch_size: int = 16
+    batch_size: int = 8
     """Images per forward pass."""
+    batch_window_ms: float = 10.0
+    """How long a forward pass waits for other studies' images (:mod:`worker.batcher`); 0 = none."""
     task_time_limit_seconds: int = 600
     task_max_retries: int = 3
     task_retry_backoff_seconds: float = 5.0
@@ -87,5 +107,9 @@ class WorkerConfig:
         for name in ("reconcile_interval_seconds", "reconcile_stale_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if self.batch_window_ms < 0:
+            raise ValueError("batch_window_ms must not be negative")
+        if self.retrieve_method not in ("get", "move"):
+            raise ValueError("retrieve_method must be 'get' or 'move'")
         if self.fault_test_delay_seconds < 0:
             raise ValueError("fault_test_delay_seconds must not be negative")

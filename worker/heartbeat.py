@@ -28,7 +28,7 @@ from db import repository as repo
 from db.engine import session_scope
 from worker.config import WorkerConfig
 
-__all__ = ["Heartbeat", "active_task_ids", "aware", "job_alive"]
+__all__ = ["Heartbeat", "active_task_ids", "aware", "host_of", "job_alive"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,18 @@ def job_alive(
     if job.task_id is not None and job.task_id in beat.active_tasks:
         return True
     return aware(job.started_at) >= beat_at - _STARTUP_GRACE
+
+
+def host_of(node_name: str) -> str:
+    """The host part of a Celery node name (``name@host``); this machine's name without one.
+
+    ``pneumo worker`` names its node ``pneumo-<pid>@<hostname>`` unless
+    ``--hostname`` says otherwise, so the heartbeat row tells on which host a
+    worker runs, and workers started as ``w1@hostA``, ``w2@hostB`` on one
+    machine (a scale-out test) are told apart as hosts too.
+    """
+    _, at, host = node_name.rpartition("@")
+    return host if at and host else socket.gethostname()
 
 
 def active_task_ids() -> list[str]:
@@ -101,7 +113,7 @@ class Heartbeat(threading.Thread):
                 repo.record_heartbeat(
                     session,
                     self.worker,
-                    hostname=socket.gethostname(),
+                    hostname=host_of(self.worker),
                     pid=os.getpid(),
                     active_tasks=list(self._active()),
                 )

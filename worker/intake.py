@@ -189,14 +189,18 @@ class Intake:
         Raises:
             dicom_io.uids.InvalidUIDError: when ``study_uid`` is malformed.
             LookupError: when no such study is stored.
-            PixelsPurgedError: when retention deleted its spooled pixels (a
-                rerun would replace its result with "no usable image").
+            PixelsPurgedError: when retention deleted its spooled pixels and no
+                PACS is configured to fetch them back from (a rerun would replace
+                its result with "no usable image").
             kombu.exceptions.OperationalError: when the broker cannot be reached.
         """
         require_uid(study_uid, "Study Instance UID")
         with session_scope(self.config.database_url) as session:
-            if repo.study_pixels_purged(session, study_uid):
-                raise PixelsPurgedError("its spooled pixels were purged (pneumo purge)")
+            if self.config.pacs is None and repo.study_pixels_purged(session, study_uid):
+                raise PixelsPurgedError(
+                    "its spooled pixels were purged (pneumo purge) and no PACS is configured "
+                    "(PNEUMO_PACS) to retrieve them from"
+                )
             study_id, revision = repo.requeue_study(session, study_uid)
         self.enqueue(study_id, revision, queue=QueueName.BATCH)
         return study_id

@@ -15,10 +15,13 @@ redelivered task) replaces files and rows instead of duplicating them.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from db.engine import session_scope
 from db.models import ResultStatus
+from db.models_registry import ActiveModel, active_model
 from worker.config import WorkerConfig
 from worker.flags import ResultFlag
 from worker.intended_use import AgeEvidence, intended_max_age
@@ -33,6 +36,8 @@ from worker.stages import (
     select_and_read,
     write_files,
 )
+from worker.stages.load import PixelSource
+from worker.stages.outputs import predecessor_sr
 
 __all__ = ["StageTimer", "StudyOutcome", "default_predictor", "run_study"]
 
@@ -57,14 +62,78 @@ class StudyOutcome:
 
 
 def default_predictor(config: WorkerConfig) -> Predictor:
-    """The process-wide model for ``config.model_path`` (loaded once per process).
+    """The model new work uses, loaded once per process and per activation.
+
+    ``config.model_path`` set (``PNEUMO_MODEL_PATH``) pins this worker to that
+    file. Otherwise the active model of the database
+    (:func:`db.models_registry.active_model`, one primary-key query per call)
+    is loaded from the file it was activated with, after checking that the
+    file's sha256 is the one recorded; a new activation is picked up by the
+    next study, without a restart. With no activation at all, the newest
+    shipped weights are used.
 
     Raises:
-        model.inference.WeightsError: the weights file is missing or unreadable.
+        model.inference.WeightsError: the weights file is missing, unreadable, or
+            its sha256 is not the activated model version's.
+        sqlalchemy.exc.SQLAlchemyError: the active model could not be read.
     """
     from model.inference import load_predictor  # torch: only where a model is needed
 
-    return load_predictor(config.model_path)
+    if config.model_path is not None:
+        return load_predictor(config.model_path)
+    with session_scope(config.database_url) as session:
+        active = active_model(session)
+    if active is None:
+        return load_predictor(None)
+    with _ACTIVE_LOCK:
+        loaded = _ACTIVE.get(active.activation_id)
+        if loaded is None:
+            loaded = _load_verified(active)
+            _ACTIVE.clear()  # one activated model per process: drop the one it replaces
+            _ACTIVE[active.activation_id] = loaded
+        return loaded
+
+
+_ACTIVE: dict[int, Predictor] = {}
+"""The loaded active model, by activation id."""
+_ACTIVE_LOCK = threading.Lock()
+
+
+def _load_verified(active: ActiveModel) -> Predictor:
+    """The activated weights file, loaded only if it hashes to the recorded sha256.
+
+    Raises:
+        model.inference.WeightsError: the file is missing, unreadable or another file.
+    """
+    from model.inference import Predictor as ModelPredictor
+    from model.inference import WeightsError, load_predictor, sha256_file
+
+    path = Path(active.path)
+
+    def refuse(actual: str) -> WeightsError:
+        return WeightsError(
+            f"weights file {path.name} has sha256 {actual[:16]}, not {active.sha256[:16]} "
+            f"recorded for the active model {active.label}: refusing to load it "
+            "(activate the intended file again with `pneumo models activate`)"
+        )
+
+    try:
+        actual = sha256_file(path)
+    except OSError as exc:
+        raise WeightsError(
+            f"weights file of the active model {active.label} unreadable: {path.name} "
+            f"({type(exc).__name__})"
+        ) from exc
+    if actual != active.sha256:
+        raise refuse(actual)
+    predictor: Predictor = load_predictor(path)
+    if predictor.info.sha256 != active.sha256:  # cached from before the file was replaced
+        predictor = ModelPredictor(path)
+        if predictor.info.sha256 != active.sha256:  # replaced again while we read it
+            raise refuse(predictor.info.sha256)
+    log.info("model %s loaded from %s (activation %d)", active.label, path.name,
+             active.activation_id)  # fmt: skip
+    return predictor
 
 
 def run_study(
@@ -93,7 +162,9 @@ def run_study(
             predictor = default_predictor(config)
     info = predictor.info
     with timer.stage("load"):
-        loaded = load_study(config.database_url, study_id, revision)
+        loaded = load_study(
+            config.database_url, study_id, revision, source=PixelSource.from_config(config)
+        )
     read = select_and_read(loaded, max_pixels_bits=config.max_image_pixels_bits, timer=timer)
     (predicted,) = predict(predictor, [read], batch_size=config.batch_size, timer=timer)
     assessment = assess(
@@ -109,6 +180,7 @@ def run_study(
         results_dir=config.results_dir,
         heatmap_max_side=config.heatmap_max_side,
         timer=timer,
+        predecessor=predecessor_sr(config.database_url, study_id, revision),
     )
     with timer.stage("write_files"):
         files = write_files(outputs)

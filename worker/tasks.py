@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task, current_app, shared_task
 from celery.exceptions import Retry
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.orm import Session
@@ -37,7 +38,9 @@ from worker.heartbeat import job_alive
 from worker.queues import QueueName
 
 if TYPE_CHECKING:
+    from worker.batcher import BatchingPredictor
     from worker.pipeline import StageTimer
+    from worker.predictor import Predictor
 
 __all__ = [
     "AttemptError",
@@ -140,11 +143,88 @@ def _warm_up(**_: Any) -> None:
             torch.set_num_threads(config.torch_threads)
         if not config.worker_warmup:
             return
-        from model.inference import load_predictor
-
-        load_predictor(config.model_path)
+        _serving_predictor(config)  # the active model (or PNEUMO_MODEL_PATH), checked
     except Exception as exc:  # the task will report a real failure; do not kill the pool
         log.warning("model warm-up failed: %s", type(exc).__name__)
+
+
+# --- the model this process serves with: shared by its threads, batched -----------
+
+_studies_in_flight = 1
+"""How many studies this process runs at once (a threads pool's concurrency)."""
+_serving: BatchingPredictor | None = None
+_serving_lock = threading.Lock()
+
+
+def _serving_predictor(config: WorkerConfig) -> Predictor:
+    """:func:`~worker.pipeline.default_predictor` behind this process's :class:`BatchingPredictor`.
+
+    Batching across studies only when this process runs several at once (a
+    threads pool): a lone study would only wait out the window. A new model
+    (the default predictor changed) gets a new batcher; the old one serves
+    what is pending and then runs callers directly.
+
+    Raises:
+        model.inference.WeightsError: the model cannot be loaded.
+    """
+    global _serving
+    from worker.batcher import BatchingPredictor
+    from worker.pipeline import default_predictor
+    from worker.predictor import single_pass
+
+    model = default_predictor(config)
+    single = single_pass(model)
+    if single is None:
+        return model
+    window = config.batch_window_ms if _studies_in_flight > 1 else 0.0
+    with _serving_lock:
+        old = current = _serving
+        if current is None or current.inner is not single or current.max_wait_ms != window:
+            current = BatchingPredictor(single, max_images=config.batch_size, max_wait_ms=window)
+            _serving = current
+    if old is not None and old is not current:
+        old.close()
+    current.take_forward_sizes()  # a new study in this thread: count its passes from here
+    return current
+
+
+@worker_ready.connect
+def _serve_threads(sender: Any = None, **_: Any) -> None:
+    """In a threads (or solo) pool, share one model between the studies in flight; warm it up.
+
+    Prefork children warm up in :func:`_warm_up` instead, each for itself.
+    """
+    global _studies_in_flight
+    from celery.concurrency.prefork import TaskPool as PreforkPool
+
+    pool = getattr(sender, "pool", None)
+    app = getattr(sender, "app", None)
+    if pool is None or isinstance(pool, PreforkPool) or not isinstance(app, Celery):
+        return
+    try:
+        config = worker_config_of(app)
+    except LookupError:
+        return  # not one of our apps
+    _studies_in_flight = max(1, int(getattr(pool, "limit", 1) or 1))
+    try:
+        if config.torch_threads:
+            import torch
+
+            torch.set_num_threads(config.torch_threads)
+        if config.worker_warmup:
+            _serving_predictor(config)
+    except Exception as exc:  # the task will report a real failure
+        log.warning("model warm-up failed: %s", type(exc).__name__)
+
+
+@worker_shutdown.connect
+def _stop_serving(**_: Any) -> None:
+    """Let the batcher finish what is pending (a warm shutdown waited for the tasks)."""
+    global _serving
+    with _serving_lock:
+        current, _serving = _serving, None
+    if current is not None:
+        current.close(timeout=30.0)
 
 
 # --- process_study ------------------------------------------------------------
@@ -313,7 +393,9 @@ def _process(
     try:
         if config.fault_test_delay_seconds:
             time.sleep(config.fault_test_delay_seconds)
-        outcome = run_study(config, study_id, revision, timer=timer)
+        with timer.stage("load_model"):
+            predictor = _serving_predictor(config)
+        outcome = run_study(config, study_id, revision, predictor=predictor, timer=timer)
     except _DB_UNAVAILABLE:
         raise  # not the study's fault: retried; the open job is closed as lost next time
     except Exception as exc:
@@ -321,6 +403,7 @@ def _process(
 
     if attempt.queue_wait is not None:
         timer.seconds["queue_wait"] = attempt.queue_wait
+    _record_forwards(predictor, timer)
     failed = _send_now(config, outcome.result_id, timer) if outcome.files else []
     with session_scope(config.database_url) as session:
         repo.update_timings(session, outcome.result_id, timer.seconds)
@@ -342,6 +425,16 @@ def _process(
         "result_id": outcome.result_id,
         "status": outcome.status.value,
     }
+
+
+def _record_forwards(predictor: Predictor, timer: StageTimer) -> None:
+    """Count the passes this study led by image count (``pneumo_inference_batch_size``)."""
+    from worker.batcher import FORWARD_TIMING_PREFIX, BatchingPredictor
+
+    if isinstance(predictor, BatchingPredictor):
+        for images in predictor.take_forward_sizes():
+            key = f"{FORWARD_TIMING_PREFIX}{images}"
+            timer.seconds[key] = timer.seconds.get(key, 0.0) + 1.0
 
 
 def _fail_or_retry(

@@ -64,6 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
         max_image_pixels_bits=settings.max_image_pixels_bits,
         model_card_dir=_model_card_dir(),
         heartbeat_stale_seconds=settings.heartbeat_stale_seconds,
+        retrieve_purged=settings.pacs is not None,
         reprocess=_reprocessor(settings),
     )
     app.include_router(studies.router)

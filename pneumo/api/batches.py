@@ -72,6 +72,7 @@ def post_batch(
             selector,
             started_by=f"api:{caller.identity.user}",
             max_rate=body.max_rate,
+            include_purged=ctx.retrieve_purged,
         )
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc

@@ -26,6 +26,8 @@ class ApiContext:
     model_card_dir: Path | None = None
     heartbeat_stale_seconds: float = 30.0
     """A worker silent this long is not counted as live (as in the reconciler)."""
+    retrieve_purged: bool = False
+    """A PACS is configured (``PNEUMO_PACS``): batches keep studies whose pixels were purged."""
     # Queues a stored study again on the batch queue (worker.intake.Intake.reprocess).
     reprocess: Callable[[str], int] | None = None
 

@@ -287,8 +287,16 @@ def post_reprocess(
 
 @router.get("/models", tags=["models"], summary="Model versions that produced results")
 def get_models(request: Request, caller: Caller = Depends(require(Permission.READ))) -> Any:
+    """Each version with ``active``: whether new work uses it (``pneumo models activate``)."""
+    from db.models_registry import active_model
+
     with context_of(request).session() as session:
-        return [m.as_dict() | {"label": m.label} for m in model_versions(session)]
+        active = active_model(session)
+        key = None if active is None else (active.name, active.version, active.sha256)
+        return [
+            m.as_dict() | {"label": m.label, "active": (m.name, m.version, m.sha256) == key}
+            for m in model_versions(session)
+        ]
 
 
 @router.get("/health", tags=["health"], summary="Database and broker reachability")

@@ -132,7 +132,7 @@ def cmd_ping_listener(args: argparse.Namespace) -> int:
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     from dicom_io.config import validate_ae_title
-    from dicom_io.send import _client_ssl_context
+    from dicom_io.send import client_ssl_context
 
     settings = _load_settings()
     if settings is None:
@@ -154,7 +154,7 @@ def cmd_ping_listener(args: argparse.Namespace) -> int:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
     ae.connection_timeout = args.timeout
     try:
-        tls_args = (_client_ssl_context(tls), None) if tls is not None else None
+        tls_args = (client_ssl_context(tls), None) if tls is not None else None
         assoc = ae.associate(host, port, ae_title=called, tls_args=tls_args)  # type: ignore[arg-type]
     except (OSError, ValueError) as exc:  # TLS files unreadable, handshake failed
         return _report(ExitCode.UNAVAILABLE, f"listener {target}: {type(exc).__name__}: {exc}")

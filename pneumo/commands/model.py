@@ -22,8 +22,10 @@ __all__ = [
     "TRAIN_RECIPES",
     "register",
     "run_adapt",
+    "run_adapt_check",
     "run_monitor",
     "run_evaluate",
+    "run_guard",
     "run_train",
     "train_config_kwargs",
 ]
@@ -233,6 +235,49 @@ def _register_model(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         "--limit", type=int, default=2000, metavar="N", help="use at most N images (default: 2000)"
     )
     a.set_defaults(func=run_adapt)
+    c = sub.add_parser(
+        "adapt-check",
+        help="split-half test of site adaptation on a labelled folder from the new site",
+        description=(
+            "The honest protocol for label-free adaptation (model.adapt_check): split --data "
+            "(NORMAL/ and PNEUMONIA/) in two halves by patient, adapt on one half's images "
+            "without their labels, score plain and adapted models on the other half; swap. "
+            "Prints both halves side by side; --out writes JSON for python -m model.card "
+            "--adaptation."
+        ),
+    )
+    c.add_argument("--data", required=True, type=Path, metavar="DIR", help="labelled folder")
+    c.add_argument("--out", type=Path, metavar="FILE", help="write the result as JSON here")
+    c.add_argument(
+        "--work-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the two adapted weights files go (default: a temporary folder)",
+    )
+    c.add_argument("--prior", action="store_true", help="also adapt the class prior (EM)")
+    _add_model_argument(c)
+    c.set_defaults(func=run_adapt_check)
+    g = sub.add_parser(
+        "guard",
+        help="score the not-a-chest guard on chest and non-chest DICOM files it never saw",
+        description=(
+            "Run the not-a-chest-radiograph guard (model.guard_check) over DATA/dicom/cxr "
+            "(real chest radiographs, which should pass) and DATA/dicom/other (non-chest "
+            "images, which should be flagged); prints one row per file and the counts the "
+            "model card reports (--out writes them as JSON for python -m model.card --ood-check)."
+        ),
+    )
+    g.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="folder holding dicom/cxr and dicom/other (e.g. the shared data folder)",
+    )
+    g.add_argument("--out", type=Path, metavar="FILE", help="write the check as JSON here")
+    g.add_argument("--format", choices=("table", "json"), default="table")
+    _add_model_argument(g)
+    g.set_defaults(func=run_guard)
 
 
 def _site_images(folder: Path, limit: int) -> tuple[list[Any], int]:
@@ -281,6 +326,85 @@ def run_adapt(args: argparse.Namespace) -> int:
         else (f"; pneumonia share {result.prior_source:.2f} -> {result.prior_site:.2f}")
     )
     print(f"{result.path} (from {result.n_images} images, {failed} unreadable{prior})")
+    return ExitCode.OK
+
+
+def run_adapt_check(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from dicom_io.pixels import read_pixels_file
+    from model.adapt_check import REPORTED_METRICS, split_half_adaptation
+    from model.evaluation_sets import DatasetError, open_dataset
+    from model.inference import WeightsError
+
+    try:
+        dataset = open_dataset(args.data, read_dicom=read_pixels_file)
+        weights = _weights_path(args)
+    except (DatasetError, WeightsError) as exc:
+        print(f"pneumo model adapt-check: error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    with tempfile.TemporaryDirectory(prefix="pneumo-adapt-") as tmp:
+        try:
+            check = split_half_adaptation(
+                weights,
+                dataset,
+                args.work_dir or Path(tmp),
+                prior=args.prior,
+                progress=lambda step: log.info("%s", step),
+            )
+        except ValueError as exc:
+            print(f"pneumo model adapt-check: error: {exc}", file=sys.stderr)
+            return ExitCode.USAGE
+    if args.out is not None:
+        check.write_json(args.out)
+    print(
+        f"{'adapted on':>10} {'scored on':>9} {'n':>5}  "
+        + "  ".join(f"{m:>17}" for m in REPORTED_METRICS)
+    )
+    for h in check.halves:
+        cells = "  ".join(
+            f"{_num(h.plain[m]):>7} -> {_num(h.adapted[m]):>7}" for m in REPORTED_METRICS
+        )
+        print(f"{h.adapted_on:>10} {h.scored_on:>9} {h.n_scored:>5}  {cells}")
+    print("(plain -> adapted; the adapted model never saw the images it is scored on)")
+    return ExitCode.OK
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def run_guard(args: argparse.Namespace) -> int:
+    from dicom_io.pixels import read_pixels_file
+    from model.guard_check import check_guard, shared_dicom_files
+    from model.inference import WeightsError, load_predictor
+
+    files = shared_dicom_files(args.data)
+    if not any(files.values()):
+        print(
+            f"pneumo model guard: error: no DICOM files under {args.data}/dicom/cxr or /other",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
+    try:
+        predictor = load_predictor(_weights_path(args))
+    except (WeightsError, OSError, ValueError) as exc:
+        print(f"pneumo model guard: error: cannot load the model: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    check = check_guard(predictor, files, read_pixels_file)
+    if args.out is not None:
+        check.write_json(args.out)
+    if args.format == "json":
+        print(json.dumps(check.to_json(), indent=2))
+        return ExitCode.OK
+    print(f"{'group':6} {'file':44} {'OOD':>7} {'p':>6}  outcome")
+    for r in check.rows:
+        ood = "" if r.ood_score is None else f"{r.ood_score:.2f}"
+        prob = "" if r.probability is None else f"{r.probability:.3f}"
+        detail = f" ({r.detail})" if r.detail else ""
+        print(f"{r.group:6} {r.file[:44]:44} {ood:>7} {prob:>6}  {r.outcome.value}{detail}")
+    for label, value in check.summary().items():
+        print(f"{label}: {value}")
     return ExitCode.OK
 
 
@@ -498,7 +622,7 @@ def _register_train(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         "--recipe",
         choices=TRAIN_RECIPES,
         default="full",
-        help="full: the pneumonet-2.0.0 recipe (~2 h CPU); quick: under an hour, for "
+        help="full: the pneumonet-2.0.0 recipe (~1.2 h CPU); quick: under an hour, for "
         "sites that retrain; 1.0.0: the first release (default: full)",
     )
     for name, (kind, help_text) in TRAIN_OPTIONS.items():

@@ -30,6 +30,7 @@ __all__ = [
     "cmd_batches_retry",
     "cmd_batches_show",
     "cmd_diff",
+    "cmd_models_activate",
     "cmd_models_list",
     "cmd_reprocess",
     "register",
@@ -49,6 +50,17 @@ def register(subparsers: Any) -> None:
     models.set_defaults(func=cmd_models_list)
     models_sub = models.add_subparsers(dest="models_command", metavar="ACTION")
     models_sub.add_parser("list", help="versions with sha256, threshold, active flag (default)")
+    activate = models_sub.add_parser(
+        "activate",
+        help="make a model version the one new work uses",
+        description="Make a model version the one new work uses (workers pick it up at their "
+        "next study). VERSION (1.0.0 or pneumonet-1.0.0) must be known to the database and "
+        "its weights file findable; PATH registers a weights file (name, version, threshold "
+        "and sha256 read from it) and activates it. Workers started with PNEUMO_MODEL_PATH "
+        "keep using that file.",
+    )
+    activate.add_argument("target", metavar="VERSION|PATH")
+    activate.set_defaults(func=cmd_models_activate)
 
 
 def _rate_arg(value: str) -> float:
@@ -139,10 +151,13 @@ def _dry_run(settings: Any, selector: Selector) -> int:
     from db.engine import session_scope
 
     with session_scope(settings.effective_database_url) as session:
-        selection = select_studies(session, selector)
+        selection = select_studies(session, selector, include_purged=settings.pacs is not None)
     print(f"would reprocess {len(selection.study_ids)} study(ies)")
     if selection.purged:
-        print(f"left out: {len(selection.purged)} study(ies) whose pixels were purged")
+        print(
+            f"left out: {len(selection.purged)} study(ies) whose pixels were purged "
+            "(set PNEUMO_PACS to retrieve them)"
+        )
     lines = [_sample_line(row) for row in selection.rows[:SAMPLE_ROWS]]
     if lines:
         print(format_table(lines))
@@ -177,7 +192,11 @@ def _start(settings: Any, selector: Selector, args: argparse.Namespace) -> int:
 
     config = settings.worker_config()
     started = batches.start_batch(
-        config.database_url, selector, started_by=_cli_user(), max_rate=args.max_rate
+        config.database_url,
+        selector,
+        started_by=_cli_user(),
+        max_rate=args.max_rate,
+        include_purged=config.pacs is not None,  # the worker fetches them from the PACS
     )
     if started.purged:
         print(f"left out: {len(started.purged)} study(ies) whose pixels were purged",
@@ -335,29 +354,169 @@ def cmd_batches_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    """Print the model versions that produced results; ``active`` marks the weights file
-    new work loads (``PNEUMO_MODEL_PATH``, else the shipped weights), by its sha256."""
+    """Print the model versions known to the database; ``active`` marks the one new work uses.
+
+    That is the activated model (:mod:`db.models_registry`); with no activation,
+    the shipped weights, matched by sha256. ``PNEUMO_MODEL_PATH`` set here is
+    reported as pinning the workers started with it.
+    """
     from db.engine import session_scope
+    from db.models_registry import active_model
     from db.queries import model_versions
     from model.inference import default_weights_path, sha256_file
     from pneumo.settings import load_settings
 
     settings = load_settings()
-    weights = Path(settings.model_path or default_weights_path())
-    active = sha256_file(weights) if weights.is_file() else None
     with session_scope(settings.effective_database_url) as session:
         models = model_versions(session)
-    rows = [m.as_dict() | {"label": m.label, "active": m.sha256 == active} for m in models]
+        active = active_model(session)
+    if active is not None:
+        key: tuple[str, ...] | None = (active.name, active.version, active.sha256)
+        source = f"{active.label} from {active.path} (activated by {active.activated_by} " \
+                 f"at {active.activated_at:%Y-%m-%d %H:%M:%S})"  # fmt: skip
+    else:
+        shipped = default_weights_path()
+        sha = sha256_file(shipped) if shipped.is_file() else None
+        key = None if sha is None else (sha,)
+        source = f"none activated: the shipped weights {shipped} (sha256 {sha or 'missing'})"
+    rows = [
+        m.as_dict() | {"label": m.label,
+                       "active": key in ((m.name, m.version, m.sha256), (m.sha256,))}
+        for m in models
+    ]  # fmt: skip
+    pinned = None if settings.model_path is None else str(settings.model_path)
     if args.format == "json":
-        print(json.dumps({"weights": str(weights), "sha256": active, "models": rows}, indent=2))
+        document = {
+            "active": None if active is None else _active_dict(active),
+            "pinned_by_model_path": pinned,
+            "models": rows,
+        }
+        print(json.dumps(document, indent=2))
         return ExitCode.OK
-    print(f"weights in use: {weights} (sha256 {active or 'missing'})")
+    print(f"active model: {source}")
+    if pinned is not None:
+        print(f"PNEUMO_MODEL_PATH={pinned} is set: workers started with it use that file")
     lines = [
         {"model": r["label"], "sha256": r["sha256"][:16], "threshold": f"{r['threshold']:.4f}",
          "active": "yes" if r["active"] else ""} for r in rows
     ]  # fmt: skip
-    print(format_table(lines) if lines else "no model version has produced a result yet")
+    print(format_table(lines) if lines else "no model version is known yet")
     return ExitCode.OK
+
+
+def _active_dict(active: Any) -> dict[str, Any]:
+    return {
+        "label": active.label,
+        "name": active.name,
+        "version": active.version,
+        "sha256": active.sha256,
+        "threshold": active.threshold,
+        "path": active.path,
+        "activated_by": active.activated_by,
+        "activated_at": active.activated_at.isoformat(),
+    }
+
+
+def _is_path(target: str) -> bool:
+    return Path(target).is_file() or "/" in target or target.endswith(".pt")
+
+
+def cmd_models_activate(args: argparse.Namespace) -> int:
+    """Activate a model version (by label) or a weights file (by path).
+
+    USAGE for an unknown or ambiguous version, a version whose weights file
+    cannot be found, a file that is not a pneumo weights file, or a file that
+    claims a registered version with other contents.
+    """
+    from db.engine import session_scope
+    from model.inference import WeightsError
+    from pneumo.settings import load_settings
+
+    settings = load_settings()
+    try:
+        with session_scope(settings.effective_database_url) as session:
+            if _is_path(args.target):
+                active = _activate_file(session, Path(args.target))
+            else:
+                active = _activate_version(session, args.target, settings.model_path)
+    except (ValueError, WeightsError) as exc:  # UnknownVersion too
+        print(f"pneumo models activate: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    print(f"active model: {active.label} (sha256 {active.sha256[:16]}) from {active.path}; "
+          "workers use it from their next study")  # fmt: skip
+    if settings.model_path is not None:
+        print(f"note: PNEUMO_MODEL_PATH={settings.model_path} is set here: workers started "
+              "with it keep using that file", file=sys.stderr)  # fmt: skip
+    return ExitCode.OK
+
+
+def _activate_file(session: Any, path: Path) -> Any:
+    """Register the weights file at ``path`` (its own name, version, threshold, sha256), activate it.
+
+    Raises:
+        model.inference.WeightsError: not a loadable pneumo weights file.
+        ValueError: another file is registered under the same name and version.
+    """
+    from db import repository as repo
+    from db.diff import UnknownVersion
+    from db.models_registry import activate, registered_versions
+    from model.inference import Predictor
+
+    path = path.expanduser().resolve()
+    info = Predictor(path, device="cpu").info  # loads it: a file workers cannot load is refused
+    try:
+        clashing = [v for v in registered_versions(session, f"{info.name}-{info.version}")
+                    if v.name == info.name and v.sha256 != info.sha256]  # fmt: skip
+    except UnknownVersion:
+        clashing = []
+    if clashing:
+        raise ValueError(
+            f"{clashing[0].label} is already registered with sha256 {clashing[0].sha256[:16]}, "
+            f"this file has {info.sha256[:16]}: give the new weights a new version"
+        )
+    version_id = repo.ensure_model_version(
+        session,
+        name=info.name,
+        version=info.version,
+        sha256=info.sha256,
+        threshold=info.threshold,
+        intended_population=info.intended_population,
+        max_age_years=info.max_age_years,
+    )
+    return activate(session, version_id, str(path), _cli_user())
+
+
+def _activate_version(session: Any, label: str, model_path: Path | None) -> Any:
+    """Activate a registered version, from a weights file whose sha256 is the version's.
+
+    Looked for: the files it was activated from before, ``PNEUMO_MODEL_PATH``,
+    the shipped weights.
+
+    Raises:
+        db.diff.UnknownVersion: no version is called ``label``.
+        ValueError: several files are registered under ``label``, or none of the
+            places holds a file with its sha256.
+    """
+    from db.models_registry import activate, activation_paths, registered_versions
+    from model.inference import WEIGHTS_DIR, sha256_file
+
+    versions = registered_versions(session, label)
+    if len({v.sha256 for v in versions}) > 1:
+        listing = ", ".join(f"{v.label} sha256 {v.sha256[:16]}" for v in versions)
+        raise ValueError(f"{label!r} names several weights files ({listing}): activate by PATH")
+    version = versions[0]
+    candidates = [Path(p) for p in activation_paths(session, version.model_version_id)]
+    candidates += [model_path] if model_path is not None else []
+    candidates += sorted(WEIGHTS_DIR.glob("*.pt"))
+    for candidate in dict.fromkeys(candidates):
+        if candidate.is_file() and sha256_file(candidate) == version.sha256:
+            path = str(candidate.resolve())
+            return activate(session, version.model_version_id, path, _cli_user())
+    raise ValueError(
+        f"no weights file with the sha256 of {version.label} ({version.sha256[:16]}) found "
+        "where it was activated from, at PNEUMO_MODEL_PATH or among the shipped weights: "
+        "activate it by PATH"
+    )
 
 
 # --- diff -------------------------------------------------------------------------

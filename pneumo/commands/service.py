@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pneumo.commands._common import quiet_libraries
 from pneumo.exit_codes import ExitCode
+from worker.config import WorkerPool
 from worker.queues import QUEUE_PRIORITY, QueueName
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ def register(subparsers: Any) -> None:
     up = subparsers.add_parser(
         "up", help="embedded all-in-one: migrations, listener and a worker (Ctrl-C stops)"
     )
-    up.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1)")
+    _add_pool_arguments(up)
     up.add_argument(
         "--no-api", action="store_true", help="do not serve the staff API and worklist page"
     )
@@ -52,9 +53,33 @@ def register(subparsers: Any) -> None:
         default=",".join(queue.value for queue in QUEUE_PRIORITY),
         help="comma list, highest priority first",
     )
-    worker.add_argument("--concurrency", type=int, default=1, help="worker processes")
+    _add_pool_arguments(worker)
     worker.add_argument("--hostname", default=None, help="Celery node name")
     worker.set_defaults(func=cmd_worker)
+
+
+def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pool",
+        choices=[pool.value for pool in WorkerPool],
+        default=None,
+        help="threads: one process, one model, studies batched (default: PNEUMO_WORKER_POOL, "
+        "threads); prefork: a process per study",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="studies in flight: threads (default PNEUMO_WORKER_THREADS, 4) or processes "
+        "(default 1)",
+    )
+
+
+def _pool_of(args: argparse.Namespace, settings: Settings) -> tuple[WorkerPool, int]:
+    """(pool, studies in flight) from the flags, else the settings."""
+    pool = WorkerPool(args.pool) if args.pool else settings.worker_pool
+    default = settings.worker_threads if pool is WorkerPool.THREADS else 1
+    return pool, max(1, int(args.concurrency or default))
 
 
 def _start_broker(settings: Settings) -> bool:
@@ -158,17 +183,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = load_settings()
     if not _start_broker(settings):
         return ExitCode.UNAVAILABLE
-    concurrency = max(1, int(args.concurrency))
+    pool, concurrency = _pool_of(args, settings)
     if not settings.torch_threads:
         # Share the CPU cores among the pool processes instead of oversubscribing
-        # them; the forked pool children inherit the app and its config.
-        threads = max(1, (os.cpu_count() or 1) // concurrency)
+        # them; the forked pool children inherit the app and its config. A
+        # threads pool is one process whose model calls take turns: all cores.
+        processes = concurrency if pool is WorkerPool.PREFORK else 1
+        threads = max(1, (os.cpu_count() or 1) // processes)
         settings = settings.model_copy(update={"torch_threads": threads})
     app = build_app(settings)
     hostname = args.hostname or f"pneumo-{os.getpid()}@{socket.gethostname()}"
     argv = [
         "worker",
         "--queues", ",".join(queues),
+        "--pool", pool.value,
         "--concurrency", str(concurrency),
         "--hostname", hostname,
         "--loglevel", "DEBUG" if getattr(args, "verbose", False) else "INFO",
@@ -199,7 +227,11 @@ def _start_worker(args: argparse.Namespace) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "pneumo.cli"]
     if getattr(args, "verbose", False):
         command.append("--verbose")
-    command += ["worker", "--concurrency", str(args.concurrency)]
+    command.append("worker")
+    if args.pool:
+        command += ["--pool", args.pool]
+    if args.concurrency:
+        command += ["--concurrency", str(args.concurrency)]
     # Own session: Ctrl-C reaches only us, and we stop the worker after the
     # listener, so nothing is received that no worker will process.
     return subprocess.Popen(command, start_new_session=True)

@@ -151,6 +151,18 @@ def test_images_and_heatmaps(client: TestClient, staff_db: StaffDb) -> None:
 def test_models(client: TestClient, staff_db: StaffDb) -> None:
     models = client.get("/api/models", headers=bearer(staff_db.tokens["viewer"])).json()
     assert [m["label"] for m in models] == ["pneumonet-1.1.0", "pneumonet-1.0.0"]
+    assert [m["active"] for m in models] == [False, False]  # nothing activated yet
+    from sqlalchemy import select
+
+    from db.engine import session_scope
+    from db.models import ModelVersion
+    from db.models_registry import activate
+
+    with session_scope(staff_db.url) as session:
+        first = session.execute(select(ModelVersion).where(ModelVersion.version == "1.0.0"))
+        activate(session, first.scalar_one().id, "/srv/weights/pneumonet-1.0.0.pt", "test")
+    models = client.get("/api/models", headers=bearer(staff_db.tokens["viewer"])).json()
+    assert [m["active"] for m in models] == [False, True]
     assert client.get("/openapi.json").json()["paths"]["/api/studies"]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -101,3 +103,87 @@ def test_partial_writes_are_continued(tmp_path, monkeypatch):
     assert dataset_bytes(result.instance.path) == wire
     assert _mode(result.instance.path) == 0o600
     assert _mode(result.instance.path.parent) == 0o700
+
+
+def _timed_flushes(monkeypatch, fail_first: bool = False) -> list[tuple[float, float, bool]]:  # type: ignore[no-untyped-def]
+    """Wrap the real directory flush: record (start, end, succeeded); slow it so callers overlap."""
+    flushes: list[tuple[float, float, bool]] = []
+    real = durable.fsync_dir
+    lock = threading.Lock()
+
+    def timed(path: Path) -> None:
+        start = time.monotonic()
+        time.sleep(0.02)
+        with lock:
+            failing = fail_first and not flushes
+            if failing:
+                flushes.append((start, time.monotonic(), False))
+        if failing:
+            raise OSError(5, "Input/output error")
+        real(path)
+        with lock:
+            flushes.append((start, time.monotonic(), True))
+
+    monkeypatch.setattr(durable, "fsync_dir", timed)
+    return flushes
+
+
+def _concurrently(count: int, work) -> list[BaseException | None]:  # type: ignore[no-untyped-def]
+    barrier = threading.Barrier(count)
+    outcomes: list[BaseException | None] = [None] * count
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            work(i)
+        except BaseException as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return outcomes
+
+
+def test_concurrent_renames_into_one_folder_share_flushes(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """Group commit: fewer flushes than renames, and each caller waited for a flush begun after it."""
+    folder = tmp_path / "series"
+    folder.mkdir()
+    flushes = _timed_flushes(monkeypatch)
+    calls: list[tuple[float, float]] = []
+    lock = threading.Lock()
+
+    def write(i: int) -> None:
+        for j in range(5):
+            start = time.monotonic()
+            write_atomic(folder / f"{i}-{j}.dcm", f"{i}-{j}".encode())
+            with lock:
+                calls.append((start, time.monotonic()))
+
+    assert _concurrently(8, write) == [None] * 8
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"{i}-{j}.dcm" for i in range(8) for j in range(5)
+    )
+    assert all(
+        (folder / f"{i}-{j}.dcm").read_bytes() == f"{i}-{j}".encode()
+        for i in range(8)
+        for j in range(5)
+    )
+    assert 1 <= len(flushes) < len(calls) == 40
+    for called, returned in calls:  # durable: a flush that started after the rename ended before
+        assert any(called <= start and end <= returned for start, end, ok in flushes if ok)
+
+
+def test_a_failed_shared_flush_fails_only_its_caller(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """The callers a failed flush would have covered flush for themselves: one error, the rest durable."""
+    folder = tmp_path / "series"
+    folder.mkdir()
+    flushes = _timed_flushes(monkeypatch, fail_first=True)
+    outcomes = _concurrently(4, lambda i: write_atomic(folder / f"{i}.dcm", b"x"))
+    assert [type(o) for o in outcomes if o is not None] == [OSError]
+    assert sum(1 for _, _, ok in flushes if ok) >= 1
+    # write_atomic removes nothing after the rename: the file is there, but its caller was told
+    # the flush failed (the spool then answers the C-STORE with a failure).
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{i}.dcm" for i in range(4))

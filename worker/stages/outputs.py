@@ -3,19 +3,35 @@
 Objects are built in memory with their final paths; nothing is written here
 (:mod:`worker.stages.write` does that). UIDs are derived from (study, model
 version, revision), so a re-run builds the same objects under the same names.
+
+The SR of a reprocessed study names the SR of the revision before it
+(:func:`predecessor_sr`, read before the stage runs): from that SR's file when
+it is still on disk, else from the UIDs its result row recorded.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
+from db import repository as repo
+from db.engine import session_scope
+from dicom_io.part10 import read_header
 from dicom_io.sc import build_heatmap_sc
-from dicom_io.sr import AlgorithmInfo, ImageFinding, build_result_sr, result_sr_uid
+from dicom_io.sr import (
+    AlgorithmInfo,
+    ImageFinding,
+    SRReference,
+    build_result_sr,
+    result_sr_reference,
+    result_sr_uid,
+)
 from dicom_io.uids import is_valid_uid, require_uid
 from worker.predictor import Image, ModelDescription
 from worker.stages.assess import Assessment
@@ -32,8 +48,11 @@ __all__ = [
     "build_sr",
     "fit_within",
     "is_evidence",
+    "predecessor_sr",
     "study_results_dir",
 ]
+
+log = logging.getLogger(__name__)
 
 _EVIDENCE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
 
@@ -130,13 +149,45 @@ def is_evidence(ds: Dataset, study_uid: str) -> bool:
     )
 
 
+def predecessor_sr(database_url: str, study_id: int, revision: int) -> SRReference | None:
+    """The SR that the SR of ``revision`` replaces: the newest earlier revision's, if any.
+
+    Read from its file when that is still on disk and is the recorded SR;
+    otherwise (file deleted, unreadable, replaced) built from the recorded
+    UIDs (:func:`dicom_io.sr.result_sr_reference`).
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: the database failed.
+        dicom_io.uids.InvalidUIDError: the recorded UIDs are not valid UIDs.
+    """
+    with session_scope(database_url) as session:
+        previous = repo.previous_sr(session, study_id, revision)
+    if previous is None:
+        return None
+    if previous.path and Path(previous.path).is_file():
+        try:
+            ds = read_header(previous.path, specific_tags=list(_EVIDENCE_KEYWORDS))
+            if str(ds.get("SOPInstanceUID", "")) == previous.sop_instance_uid:
+                return SRReference.from_dataset(ds)
+        except (OSError, ValueError, EOFError, InvalidDicomError) as exc:  # InvalidUIDError too
+            log.warning("study id %d: SR of revision %d unreadable (%s); using its recorded UIDs",
+                        study_id, previous.revision, type(exc).__name__)  # fmt: skip
+    return result_sr_reference(previous.study_uid, previous.model_version,
+                               previous.sop_instance_uid)  # fmt: skip
+
+
 def build_sr(
-    predicted: PredictedStudy, assessment: Assessment, algorithm: AlgorithmInfo, out_dir: Path
+    predicted: PredictedStudy,
+    assessment: Assessment,
+    algorithm: AlgorithmInfo,
+    out_dir: Path,
+    predecessor: SRReference | None = None,
 ) -> OutputObject | None:
     """The result SR (TID 1500), or None when no chest image was assessed.
 
     TID 1500 needs a measurement group: with no finding there is no SR, and the
-    result row records why nothing could be assessed.
+    result row records why nothing could be assessed. ``predecessor`` (the
+    previous revision's SR) goes into its Predecessor Documents Sequence.
 
     Raises:
         ValueError: from :func:`dicom_io.sr.build_result_sr` (inconsistent evidence).
@@ -164,6 +215,7 @@ def build_sr(
         revision=study.revision,
         summary=assessment.summary,
         flags=[flag.value for flag in assessment.flags],
+        predecessors=() if predecessor is None else (predecessor,),
     )
     sr_uid = result_sr_uid(study.study_uid, algorithm.version, study.revision)
     return OutputObject(sr, out_dir / f"{require_uid(sr_uid, 'SR SOP Instance UID')}.dcm")
@@ -203,10 +255,12 @@ def build_outputs(
     results_dir: Path,
     heatmap_max_side: int,
     timer: StageTimer | None = None,
+    predecessor: SRReference | None = None,
 ) -> StudyOutputs:
     """Build the SR and the heatmap SCs of a study, with their paths under ``results_dir``.
 
-    Timed as ``sr`` and ``sc``.
+    ``predecessor`` is the previous revision's SR (:func:`predecessor_sr`),
+    named by the new SR. Timed as ``sr`` and ``sc``.
 
     Raises:
         ValueError: an object cannot be built from these inputs (see :func:`build_sr`,
@@ -215,7 +269,7 @@ def build_outputs(
     algorithm = algorithm_info(info)
     out_dir = study_results_dir(results_dir, predicted.study.study_uid)
     with timed(timer, "sr"):
-        sr = build_sr(predicted, assessment, algorithm, out_dir)
+        sr = build_sr(predicted, assessment, algorithm, out_dir, predecessor)
     with timed(timer, "sc"):
         heatmaps = build_heatmap_scs(predicted, algorithm, out_dir, max_side=heatmap_max_side)
     return StudyOutputs(sr, heatmaps)

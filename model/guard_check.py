@@ -1,0 +1,163 @@
+"""The not-a-chest guard checked on files it never saw: one table for the notebook and the card.
+
+:func:`check_guard` scores labelled groups of files (for the shared data: the
+real chest DICOMs of ``dicom/cxr`` and the non-chest ones of ``dicom/other``)
+and returns a :class:`GuardCheck`: one :class:`GuardRow` per file, the
+guard's verdict and the counts the model card prints. The notebook's table and
+the card's figures come from this one function over the same file list
+(:func:`shared_dicom_files`), so they cannot disagree.
+
+``model`` never imports ``dicom_io``: the caller hands in the reader (for
+DICOM, ``dicom_io.pixels.read_pixels_file``). A file the reader cannot decode
+is a row with outcome :attr:`GuardOutcome.UNREADABLE` and the error's kind,
+not an exception.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.evaluation import PredictorLike
+
+__all__ = [
+    "CHEST_GROUP",
+    "NON_CHEST_GROUP",
+    "GuardCheck",
+    "GuardOutcome",
+    "GuardRow",
+    "check_guard",
+    "shared_dicom_files",
+]
+
+CHEST_GROUP = "cxr"
+"""Group name of real chest radiographs (the guard should pass them)."""
+NON_CHEST_GROUP = "other"
+"""Group name of non-chest images (the guard should flag them)."""
+
+
+class GuardOutcome(str, enum.Enum):
+    """What became of one file."""
+
+    CHEST = "chest"
+    """Passed the guard: a probability would be reported."""
+    NOT_CHEST = "not-chest-xray"
+    """Flagged: reported as 'not processed: not a chest radiograph'."""
+    UNREADABLE = "unreadable"
+    """The reader could not decode it; the guard never saw it."""
+
+
+@dataclass(frozen=True)
+class GuardRow:
+    """One file's verdict."""
+
+    group: str
+    file: str
+    """File name only (the shared files' names carry no patient data)."""
+    outcome: GuardOutcome
+    ood_score: float | None = None
+    probability: float | None = None
+    """P(pneumonia) the model gave before the guard (None when unreadable)."""
+    detail: str = ""
+    """Why it is unreadable (the reader's error kind); empty otherwise."""
+
+
+@dataclass(frozen=True)
+class GuardCheck:
+    """Every file's verdict and the counts drawn from them."""
+
+    threshold: float
+    rows: tuple[GuardRow, ...]
+
+    def decoded(self, group: str) -> tuple[GuardRow, ...]:
+        """The rows of ``group`` the guard saw."""
+        return tuple(
+            r for r in self.rows if r.group == group and r.outcome is not GuardOutcome.UNREADABLE
+        )
+
+    def flagged(self, group: str) -> int:
+        """How many decoded files of ``group`` the guard flagged as not a chest radiograph."""
+        return sum(r.outcome is GuardOutcome.NOT_CHEST for r in self.decoded(group))
+
+    def summary(self) -> dict[str, str]:
+        """The card's lines: ``{label: value}`` (``model.card`` prints them as a list)."""
+        out: dict[str, str] = {"guard threshold": f"{self.threshold:.3f}"}
+        other = self.decoded(NON_CHEST_GROUP)
+        if other:
+            passed = sorted(r.file for r in other if r.outcome is GuardOutcome.CHEST)
+            out[f"dicom/{NON_CHEST_GROUP} decodable non-chest flagged"] = (
+                f"{self.flagged(NON_CHEST_GROUP)} of {len(other)}"
+            )
+            out[f"dicom/{NON_CHEST_GROUP} non-chest scored p >= 0.5 before the guard"] = (
+                f"{sum((r.probability or 0.0) >= 0.5 for r in other)} of {len(other)}"
+            )
+            out[f"dicom/{NON_CHEST_GROUP} files that pass the guard"] = ", ".join(passed) or "none"
+        chest = self.decoded(CHEST_GROUP)
+        if chest:
+            out[f"dicom/{CHEST_GROUP} real chest DICOMs flagged"] = (
+                f"{self.flagged(CHEST_GROUP)} of {len(chest)}"
+            )
+        unreadable = [r for r in self.rows if r.outcome is GuardOutcome.UNREADABLE]
+        if unreadable:
+            out["files the reader could not decode (not counted)"] = str(len(unreadable))
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """``summary`` plus every row, JSON-ready (``outcome`` as its value)."""
+        rows = [asdict(r) | {"outcome": r.outcome.value} for r in self.rows]
+        return {"threshold": self.threshold, "summary": self.summary(), "rows": rows}
+
+    def write_json(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+
+def shared_dicom_files(shared_data: Path) -> dict[str, list[Path]]:
+    """``{"cxr": [...], "other": [...]}``: the ``*.dcm`` files of ``<shared_data>/dicom/<group>``.
+
+    A missing folder gives an empty list, so a machine without the shared data
+    gets an empty check rather than an error.
+    """
+    groups: dict[str, list[Path]] = {}
+    for group in (CHEST_GROUP, NON_CHEST_GROUP):
+        root = Path(shared_data) / "dicom" / group
+        groups[group] = sorted(root.glob("*.dcm")) if root.is_dir() else []
+    return groups
+
+
+def check_guard(
+    predictor: PredictorLike,
+    files: Mapping[str, Sequence[Path]],
+    read: Callable[[Path], np.ndarray],
+) -> GuardCheck:
+    """Score every file of every group with ``predictor``; one :class:`GuardRow` each.
+
+    ``predictor.info`` must have ``ood_threshold`` (``model.inference.ModelInfo`` has).
+
+    ``read`` turns a file into a 2-D float image in [0, 1]; whatever it raises
+    makes the row :attr:`GuardOutcome.UNREADABLE`, with the error's ``kind``
+    attribute (``dicom_io.pixels.PixelReadError`` has one) or its type name.
+    """
+    rows: list[GuardRow] = []
+    for group, paths in files.items():
+        for path in paths:
+            try:
+                image = read(path)
+            except Exception as exc:  # any decoder failure is a row, not a crash
+                kind = getattr(exc, "kind", None)
+                detail = str(getattr(kind, "value", kind) or type(exc).__name__)
+                rows.append(GuardRow(group, path.name, GuardOutcome.UNREADABLE, detail=detail))
+                continue
+            (pred,) = predictor.predict([image])
+            outcome = GuardOutcome.CHEST if pred.is_chest else GuardOutcome.NOT_CHEST
+            rows.append(
+                GuardRow(group, path.name, outcome, float(pred.ood_score), float(pred.probability))
+            )
+    return GuardCheck(float(predictor.info.ood_threshold), tuple(rows))

@@ -1,0 +1,117 @@
+"""model.guard_check and ``pneumo model guard``: the guard's table for the notebook and the card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicom_io.pixels import read_pixels_file
+from model.card import build_card
+from model.guard_check import GuardOutcome, check_guard, shared_dicom_files
+from model.inference import default_weights_path, load_predictor
+from tests.conftest import need_shared
+from tests.model_evaluation.conftest import CXR_DICOM, OTHER_DICOM
+from tests.paths import REPO
+
+
+@pytest.fixture(scope="module")
+def predictor():  # type: ignore[no-untyped-def]
+    return load_predictor(default_weights_path())
+
+
+def _small_tree(root: Path) -> Path:
+    """dicom/cxr with two real chest files, dicom/other with three non-chest and one broken."""
+    (root / "dicom" / "cxr").mkdir(parents=True)
+    (root / "dicom" / "other").mkdir(parents=True)
+    for src in sorted(CXR_DICOM.glob("*.dcm"))[:2]:
+        shutil.copy(src, root / "dicom" / "cxr" / src.name)
+    for src in sorted(OTHER_DICOM.glob("*.dcm"))[:3]:
+        shutil.copy(src, root / "dicom" / "other" / src.name)
+    (root / "dicom" / "other" / "zz-broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\1" * 64)
+    return root
+
+
+def test_shared_dicom_files_missing_folder_is_empty(tmp_path: Path) -> None:
+    assert shared_dicom_files(tmp_path) == {"cxr": [], "other": []}
+
+
+def test_rows_follow_the_guard_and_a_broken_file_is_a_row(predictor, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    calls: list[Path] = []
+
+    def read(path: Path) -> np.ndarray:
+        calls.append(path)
+        if path.name == "bad.dcm":
+            raise OSError("truncated")
+        return np.linspace(0.0, 1.0, 256 * 256, dtype=np.float32).reshape(256, 256)
+
+    files = {"other": [tmp_path / "ramp.dcm", tmp_path / "bad.dcm"]}
+    check = check_guard(predictor, files, read)
+    assert [r.file for r in check.rows] == ["ramp.dcm", "bad.dcm"]
+    ramp, bad = check.rows
+    direct = predictor.predict([read(tmp_path / "ramp.dcm")])[0]
+    assert ramp.ood_score == pytest.approx(direct.ood_score, rel=1e-5)
+    assert (ramp.outcome is GuardOutcome.CHEST) == direct.is_chest
+    assert bad.outcome is GuardOutcome.UNREADABLE and bad.detail == "OSError"
+    assert bad.ood_score is None and check.decoded("other") == (ramp,)
+    assert check.threshold == pytest.approx(predictor.info.ood_threshold)
+
+
+def test_summary_counts_the_rows(predictor, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    need_shared(OTHER_DICOM)
+    check = check_guard(predictor, shared_dicom_files(_small_tree(tmp_path)), read_pixels_file)
+    assert len(check.rows) == 6
+    other = check.decoded("other")
+    assert len(other) == 3  # the broken file is counted apart
+    summary = check.summary()
+    flagged = sum(r.outcome is GuardOutcome.NOT_CHEST for r in other)
+    assert summary["dicom/other decodable non-chest flagged"] == f"{flagged} of 3"
+    assert summary["files the reader could not decode (not counted)"] == "1"
+    assert summary["dicom/cxr real chest DICOMs flagged"] == f"{check.flagged('cxr')} of 2"
+    assert check.flagged("cxr") == 0  # real chest radiographs pass
+
+
+def test_cli_json_feeds_the_model_card(tmp_path: Path) -> None:
+    need_shared(OTHER_DICOM)
+    data = _small_tree(tmp_path / "data")
+    out = tmp_path / "guard.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pneumo.cli",
+            "model",
+            "guard",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "zz-broken.dcm" in run.stdout and "unreadable" in run.stdout
+    written = json.loads(out.read_text())
+    assert len(written["rows"]) == 6
+    card = build_card(default_weights_path(), {}, ood_check=written)
+    assert card["ood_guard"]["check"] == written["summary"]
+
+
+def test_cli_refuses_a_folder_without_dicom(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "pneumo.cli", "model", "guard", "--data", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert "no DICOM files" in run.stderr
