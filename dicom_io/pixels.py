@@ -44,7 +44,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.pixels.processing import apply_modality_lut
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, convert_color_space
 from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
@@ -56,6 +56,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS_BITS",
     "PixelErrorKind",
     "PixelReadError",
+    "read_luminance_file",
     "read_pixels",
     "read_pixels_file",
 ]
@@ -141,6 +142,50 @@ def read_pixels_file(
     except BaseException as exc:  # any parse failure is "this file cannot be read"
         raise PixelReadError(PixelErrorKind.UNREADABLE, type(exc).__name__) from exc
     return read_pixels(ds, max_pixels_bits=max_pixels_bits)
+
+
+def read_luminance_file(
+    path: str | PathLike[str], *, max_pixels_bits: int = DEFAULT_MAX_PIXELS_BITS
+) -> np.ndarray:
+    """Like :func:`read_pixels_file`, but a colour image becomes its luminance.
+
+    For analysis, not for serving: the pipeline refuses colour images
+    (:attr:`PixelErrorKind.NOT_MONOCHROME`) before the model sees them; this
+    reader lets the not-a-chest guard be checked on them too (``pneumo model
+    guard``, the model card, the notebook). YBR is converted to RGB, a palette
+    through its lookup table, then ITU-R BT.601 luma; the first frame, stretched
+    to [0, 1].
+
+    Raises:
+        PixelReadError: as :func:`read_pixels_file`, for anything but colour.
+    """
+    try:
+        return read_pixels_file(path, max_pixels_bits=max_pixels_bits)
+    except PixelReadError as exc:
+        if exc.kind is not PixelErrorKind.NOT_MONOCHROME:
+            raise
+    try:
+        ds = pydicom.dcmread(Path(path), force=True)
+        _check_size(ds, max_pixels_bits)
+        arr = ds.pixel_array
+        if _int(ds, "NumberOfFrames", 1) > 1:
+            arr = arr[0]
+        photometric = str(ds.PhotometricInterpretation)
+        if photometric.startswith("YBR"):
+            arr = convert_color_space(arr, photometric, "RGB")
+        elif photometric == "PALETTE COLOR":
+            arr = apply_color_lut(arr, ds)
+            arr = arr / max(float(arr.max()), 1.0) * 255
+        out = np.asarray(arr, dtype=np.float32)
+        if out.ndim == 3:
+            out = out[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
+    except (PixelReadError, *_NOT_OURS):
+        raise
+    except BaseException as exc:  # any decoder failure: this colour image cannot be read
+        raise PixelReadError(PixelErrorKind.DECODE_FAILED, type(exc).__name__) from exc
+    if out.ndim != 2:
+        raise PixelReadError(PixelErrorKind.DECODE_FAILED, f"decoded shape {out.shape}")
+    return np.ascontiguousarray(np.clip(out / max(float(out.max()), 1.0), 0.0, 1.0))
 
 
 def read_pixels(ds: Dataset, *, max_pixels_bits: int = DEFAULT_MAX_PIXELS_BITS) -> np.ndarray:

@@ -17,7 +17,11 @@ Two things about a new site can be estimated without any label (issue 12):
 Use a few hundred images: BatchNorm statistics from a few dozen are noisy enough
 to move decisions, and the EM prior is only as good as the calibration at the site
 (on ``kermany/test`` the 1.0.0 model is over-confident, and EM over-estimates the
-pneumonia share). The not-a-chest guard, temperature and threshold rule are kept. The adapted file
+pneumonia share). The not-a-chest guard's statistics are normalisation statistics
+too: its per-stage means, scales and threshold are re-estimated on the same images
+(the learned covariance shape is kept), or the guard, still centred on the training
+site, would turn the re-normalised site's radiographs away. Temperature and the
+threshold rule are kept. The adapted file
 records what was adapted, on how many images and the source model's sha256.
 Labels are never read: the input is a list of images.
 """
@@ -140,10 +144,14 @@ def adapt_weights(
     training = payload.get("training", {})
     prior_source = training.get("n_val_pneumonia", 0) / max(training.get("n_val", 0), 1)
     prior_site: float | None = None
+    mirror = payload.get("tta", "hflip-mean-logit") != "none"
+    with torch.inference_mode():
+        outputs = [tta_forward(net, b, mirror=mirror) for b in batches]
+    logits = torch.cat([o[0] for o in outputs]).float().numpy()
+    features = torch.cat([o[1] for o in outputs]).float().numpy()
+    # the guard's statistics are normalisation statistics too: re-centred on the site
+    new["ood"] = source.ood.recentred(features).to_dict()
     if adapt_prior and 0.0 < prior_source < 1.0:
-        mirror = payload.get("tta", "hflip-mean-logit") != "none"
-        with torch.inference_mode():
-            logits = torch.cat([tta_forward(net, b, mirror=mirror)[0] for b in batches]).numpy()
         probs = apply_temperature(logits, source.info.temperature, source.info.bias)
         prior_site = estimate_prior(probs, prior_source)
         shift = _logit(prior_site) - _logit(prior_source)
@@ -152,6 +160,7 @@ def adapt_weights(
         new["threshold"] = 1.0 / (1.0 + math.exp(-(_logit(thr) + shift)))
     new["adaptation"] = {
         "method": "AdaBN: BatchNorm running statistics re-estimated on unlabelled site images"
+        + "; not-a-chest guard re-centred on them (means, scales, threshold)"
         + ("; class prior by EM (Saerens et al. 2002)" if prior_site is not None else ""),
         "source_version": payload.get("version"),
         "source_sha256": sha256_file(weights),

@@ -441,7 +441,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         a = card["adaptation"]
         L.append(f"## Label-free site adaptation (on {a['dataset']}, apart from the targets)\n")
         L.append(
-            f"Protocol: {a['protocol']}. AdaBN"
+            f"Protocol: {a['protocol']}. AdaBN with the not-a-chest guard re-centred"
             + (" and the class prior by EM" if a.get("prior") else "")
             + "; no label of the adapting half is read. `pneumo model adapt --data DIR` "
             "makes such a version for a site; the shipped model is the plain one.\n"

@@ -8,13 +8,14 @@ the card's figures come from this one function over the same file list
 (:func:`shared_dicom_files`), so they cannot disagree.
 
 ``model`` never imports ``dicom_io``: the caller hands in the reader (for
-DICOM, ``dicom_io.pixels.read_pixels_file``). A file the reader cannot decode
-is a row with outcome :attr:`GuardOutcome.UNREADABLE` and the error's kind,
-not an exception.
+DICOM, ``dicom_io.pixels.read_luminance_file``, which also scores colour
+images). A file the reader cannot decode is a row with outcome
+:attr:`GuardOutcome.UNREADABLE` and the error's kind, not an exception.
 """
 
 from __future__ import annotations
 
+import csv
 import enum
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +28,7 @@ import numpy as np
 from model.evaluation import PredictorLike
 
 __all__ = [
+    "ANIMAL_GROUP",
     "CHEST_GROUP",
     "NON_CHEST_GROUP",
     "GuardCheck",
@@ -40,6 +42,8 @@ CHEST_GROUP = "cxr"
 """Group name of real chest radiographs (the guard should pass them)."""
 NON_CHEST_GROUP = "other"
 """Group name of non-chest images (the guard should flag them)."""
+ANIMAL_GROUP = "animal"
+"""An animal's chest radiograph: a radiograph of a thorax, but not of a child's."""
 
 
 class GuardOutcome(str, enum.Enum):
@@ -100,9 +104,12 @@ class GuardCheck:
             out[f"dicom/{NON_CHEST_GROUP} files that pass the guard"] = ", ".join(passed) or "none"
         chest = self.decoded(CHEST_GROUP)
         if chest:
-            out[f"dicom/{CHEST_GROUP} real chest DICOMs flagged"] = (
+            out["real chest radiograph DICOMs flagged (should pass)"] = (
                 f"{self.flagged(CHEST_GROUP)} of {len(chest)}"
             )
+        for r in self.decoded(ANIMAL_GROUP):
+            verdict = "flagged" if r.outcome is GuardOutcome.NOT_CHEST else "passed"
+            out[f"animal chest radiograph {r.file}"] = f"ood_score {r.ood_score:.2f}, {verdict}"
         unreadable = [r for r in self.rows if r.outcome is GuardOutcome.UNREADABLE]
         if unreadable:
             out["files the reader could not decode (not counted)"] = str(len(unreadable))
@@ -120,16 +127,38 @@ class GuardCheck:
 
 
 def shared_dicom_files(shared_data: Path) -> dict[str, list[Path]]:
-    """``{"cxr": [...], "other": [...]}``: the ``*.dcm`` files of ``<shared_data>/dicom/<group>``.
+    """The ``*.dcm`` files of ``<shared_data>/dicom/cxr`` and ``/other``, by what they show.
 
-    A missing folder gives an empty list, so a machine without the shared data
-    gets an empty check rather than an error.
+    ``dicom/other`` holds, besides non-chest images, header variants of real
+    human chest radiographs (their ``index.csv`` source names NIH ChestX-ray14)
+    and an animal's chest radiograph (body part CHEST otherwise). By that index,
+    the former join :data:`CHEST_GROUP` (the guard should pass them) and the
+    latter :data:`ANIMAL_GROUP` (reported, not counted either way). A missing
+    folder gives empty lists, so a machine without the shared data gets an
+    empty check rather than an error.
     """
-    groups: dict[str, list[Path]] = {}
-    for group in (CHEST_GROUP, NON_CHEST_GROUP):
-        root = Path(shared_data) / "dicom" / group
-        groups[group] = sorted(root.glob("*.dcm")) if root.is_dir() else []
+    root = Path(shared_data) / "dicom"
+    groups: dict[str, list[Path]] = {CHEST_GROUP: [], NON_CHEST_GROUP: [], ANIMAL_GROUP: []}
+    if (root / CHEST_GROUP).is_dir():
+        groups[CHEST_GROUP] = sorted((root / CHEST_GROUP).glob("*.dcm"))
+    index = _index_rows(root / NON_CHEST_GROUP / "index.csv")
+    for path in sorted((root / NON_CHEST_GROUP).glob("*.dcm")):
+        row = index.get(path.name, {})
+        if "ChestX-ray14" in row.get("source", ""):
+            groups[CHEST_GROUP].append(path)
+        elif row.get("body_part", "").strip().upper() == "CHEST":
+            groups[ANIMAL_GROUP].append(path)
+        else:
+            groups[NON_CHEST_GROUP].append(path)
     return groups
+
+
+def _index_rows(index: Path) -> dict[str, dict[str, str]]:
+    """``index.csv`` rows by file name (``other/<name>`` in its ``file`` column)."""
+    if not index.is_file():
+        return {}
+    with index.open(newline="") as f:
+        return {row["file"].rsplit("/", 1)[-1]: row for row in csv.DictReader(f)}
 
 
 def check_guard(

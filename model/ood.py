@@ -55,6 +55,34 @@ class OODModel:
         result: np.ndarray = np.max([g.raw_score(f) / g.scale for g in self.layers], axis=0)
         return result
 
+    def recentred(
+        self, features: np.ndarray, *, quantile: float = 0.995, margin: float = 1.25
+    ) -> OODModel:
+        """The guard re-normalised on a new site's images (label-free adaptation).
+
+        Each stage's mean and score scale, and the threshold, are re-estimated
+        on ``features`` (the site's radiographs through the re-normalised
+        network) by the rules :func:`fit_ood` used on validation; the learned
+        covariance shape (precision) is kept. Without this, re-estimating the
+        network's BatchNorm statistics moves every feature and the guard,
+        still centred on the training site, turns the site's radiographs away.
+
+        Raises:
+            ValueError: fewer than 2 feature rows.
+        """
+        f = np.atleast_2d(np.asarray(features, dtype=np.float64))
+        if f.shape[0] < 2:
+            raise ValueError("features: need at least 2 images to re-centre the guard")
+        layers = []
+        for g in self.layers:
+            centred = LayerGaussian(
+                g.start, g.stop, f[:, g.start : g.stop].mean(0), g.precision, 1.0
+            )
+            scale = float(np.quantile(centred.raw_score(f), _LAYER_QUANTILE)) or 1.0
+            layers.append(LayerGaussian(g.start, g.stop, centred.mean, g.precision, scale))
+        model = OODModel(tuple(layers), float("inf"))
+        return OODModel(model.layers, float(np.quantile(model.score(f), quantile)) * margin)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": "per-stage-mahalanobis-max",

@@ -375,7 +375,7 @@ def _num(value: float | None) -> str:
 
 
 def run_guard(args: argparse.Namespace) -> int:
-    from dicom_io.pixels import read_pixels_file
+    from dicom_io.pixels import read_luminance_file
     from model.guard_check import check_guard, shared_dicom_files
     from model.inference import WeightsError, load_predictor
 
@@ -391,7 +391,7 @@ def run_guard(args: argparse.Namespace) -> int:
     except (WeightsError, OSError, ValueError) as exc:
         print(f"pneumo model guard: error: cannot load the model: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    check = check_guard(predictor, files, read_pixels_file)
+    check = check_guard(predictor, files, read_luminance_file)  # colour images too
     if args.out is not None:
         check.write_json(args.out)
     if args.format == "json":

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicom_io.pixels import read_pixels_file
+from dicom_io.pixels import read_luminance_file
 from model.card import build_card
 from model.guard_check import GuardOutcome, check_guard, shared_dicom_files
 from model.inference import default_weights_path, load_predictor
@@ -38,7 +38,16 @@ def _small_tree(root: Path) -> Path:
 
 
 def test_shared_dicom_files_missing_folder_is_empty(tmp_path: Path) -> None:
-    assert shared_dicom_files(tmp_path) == {"cxr": [], "other": []}
+    assert shared_dicom_files(tmp_path) == {"cxr": [], "other": [], "animal": []}
+
+
+def test_shared_files_grouped_by_what_they_show() -> None:
+    """By the shared index: NIH chest pixels with altered headers are chest, the cat is apart."""
+    need_shared(OTHER_DICOM)
+    groups = {k: {p.name for p in v} for k, v in shared_dicom_files(OTHER_DICOM.parents[1]).items()}
+    assert {"udacity_aihcnd_test4.dcm", "udacity_aihcnd_test6.dcm"} <= groups["cxr"]
+    assert groups["animal"] == {"deid_cat_DX_chest.dcm"}
+    assert "CT_small.dcm" in groups["other"] and not groups["other"] & groups["cxr"]
 
 
 def test_rows_follow_the_guard_and_a_broken_file_is_a_row(predictor, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -64,7 +73,7 @@ def test_rows_follow_the_guard_and_a_broken_file_is_a_row(predictor, tmp_path: P
 
 def test_summary_counts_the_rows(predictor, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     need_shared(OTHER_DICOM)
-    check = check_guard(predictor, shared_dicom_files(_small_tree(tmp_path)), read_pixels_file)
+    check = check_guard(predictor, shared_dicom_files(_small_tree(tmp_path)), read_luminance_file)
     assert len(check.rows) == 6
     other = check.decoded("other")
     assert len(other) == 3  # the broken file is counted apart
@@ -72,7 +81,9 @@ def test_summary_counts_the_rows(predictor, tmp_path: Path) -> None:  # type: ig
     flagged = sum(r.outcome is GuardOutcome.NOT_CHEST for r in other)
     assert summary["dicom/other decodable non-chest flagged"] == f"{flagged} of 3"
     assert summary["files the reader could not decode (not counted)"] == "1"
-    assert summary["dicom/cxr real chest DICOMs flagged"] == f"{check.flagged('cxr')} of 2"
+    assert summary["real chest radiograph DICOMs flagged (should pass)"] == (
+        f"{check.flagged('cxr')} of 2"
+    )
     assert check.flagged("cxr") == 0  # real chest radiographs pass
 
 

@@ -51,7 +51,12 @@ def test_adaptation_changes_only_normalisation_statistics(site_folder: Path, tmp
     assert any(k.endswith("running_mean") for k in changed)
     for key in ("temperature", "bias", "threshold", "input_size", "net_config"):
         assert after[key] == before[key], key
-    assert after["ood"] is before["ood"] or after["ood"]["threshold"] == before["ood"]["threshold"]
+    # the guard: re-centred (means, scales, threshold), its learned covariance shape kept
+    for b, a in zip(before["ood"]["layers"], after["ood"]["layers"], strict=True):
+        assert np.array_equal(a["precision"], b["precision"])
+        assert not np.array_equal(a["mean"], b["mean"])
+    site = Predictor(out).predict(_images(site_folder))
+    assert sum(r.is_chest for r in site) >= 19  # its own radiographs pass the re-centred guard
     assert after["version"] == "1.0.0-site1" and after["adaptation"]["n_images"] == 20
     assert after["adaptation"]["prior_site"] is None
     assert Predictor(out).info.version == "1.0.0-site1"
