@@ -60,6 +60,11 @@ _MAX_REPLACED_RECORDED = 50
 _MAX_RETRY_SECONDS = 300.0
 
 
+# Associations remembered between their connection closing and their release being
+# reported (normally microseconds apart); the oldest are forgotten beyond this.
+_MAX_CLOSED_UNRELEASED = 256
+
+
 class Trigger(str, enum.Enum):
     """Why a study was declared ready."""
 
@@ -137,6 +142,10 @@ class StudyAssembler:
         self._clock = clock
         self._studies: dict[str, _Study] = {}
         self._assoc_studies: dict[int, set[str]] = {}
+        # Associations whose connection closed before their release was reported:
+        # pynetdicom reports the close (its network thread) and the release (the
+        # association's thread) from two threads, in either order.
+        self._closed_unreleased: dict[int, set[str]] = {}
         self._cond = threading.Condition()
         # Journal writes are serialised so an older snapshot never overwrites a newer one.
         self._journal_lock = threading.Lock()
@@ -262,6 +271,7 @@ class StudyAssembler:
                 if association_id is not None:
                     study.open_assocs.add(association_id)
                     self._assoc_studies.setdefault(association_id, set()).add(uid)
+                    self._closed_unreleased.pop(association_id, None)  # an id reused
                 if result.expected_count:
                     study.expected = result.expected_count
             self._cond.notify_all()
@@ -277,14 +287,27 @@ class StudyAssembler:
         self._association_ended(association_id, released=False)
 
     def _association_ended(self, association_id: int, *, released: bool) -> None:
+        """Close the association's studies; a release reported after the close still counts.
+
+        The studies of an association closed without (yet) a release are kept
+        aside, a bounded few, so that its release, when it is reported second,
+        starts their grace period instead of leaving them to the quiet window.
+        """
         now = self._clock()
         with self._cond:
-            for uid in self._assoc_studies.pop(association_id, set()):
+            uids = self._assoc_studies.pop(association_id, None)
+            if uids is None and released:
+                uids = self._closed_unreleased.pop(association_id, None)
+            elif uids is not None and not released:
+                self._closed_unreleased[association_id] = uids
+                while len(self._closed_unreleased) > _MAX_CLOSED_UNRELEASED:
+                    del self._closed_unreleased[next(iter(self._closed_unreleased))]
+            for uid in uids or ():
                 study = self._studies.get(uid)
-                if study is None or association_id not in study.open_assocs:
+                if study is None:
                     continue
                 study.open_assocs.discard(association_id)
-                if released and not study.open_assocs:
+                if released and study.pending and not study.open_assocs:
                     study.released_at = now
             self._cond.notify_all()
 

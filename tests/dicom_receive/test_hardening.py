@@ -13,9 +13,10 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicom_io import assembly
 from dicom_io.assembly import Trigger
 from dicom_io.part10 import encode_file_meta
-from dicom_io.spool import Spool
+from dicom_io.spool import Spool, StoreResult
 from tests.dicom_receive.dicom_receive_helpers import (
     DEFLATED,
+    Collector,
     deflate_bomb,
     encode_wire,
     make_instance,
@@ -170,3 +171,50 @@ def test_low_free_space_warns_before_the_reserve_refuses(make_listener, tmp_path
     ready.wait(1)
     warnings = [r for r in caplog.records if "spool free space low" in r.getMessage()]
     assert len(warnings) == 1  # rate-limited, however many checks ran
+
+
+def _stored(spool: Spool, study: str) -> StoreResult:
+    ds = make_instance(study)
+    return spool.store(
+        encode_wire(ds),
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
+    )
+
+
+def test_release_reported_after_the_close_still_starts_the_grace(tmp_path: Path) -> None:
+    """pynetdicom reports the connection close and the release from two threads, in
+    either order: a release reported second must not leave the study to the quiet window."""
+    ready = Collector()
+    assembler = assembly.StudyAssembler(
+        Spool(tmp_path / "spool"), ready, quiet_seconds=30.0, release_grace_seconds=0.1
+    )
+    assembler.start()
+    try:
+        for k, order in enumerate((("closed", "released"), ("released", "closed")), start=1):
+            study = pydicom.uid.generate_uid()
+            association = hash((study, order))
+            assembler.instance_stored(_stored(assembler.spool, study), association)
+            for event in order:
+                getattr(assembler, f"association_{event}")(association)
+            result = ready.wait(k, timeout=5)[-1]
+            assert (result.study_uid, result.trigger) == (study, Trigger.RELEASED), order
+    finally:
+        assembler.stop()
+
+
+def test_a_close_without_release_leaves_the_quiet_window(tmp_path: Path) -> None:
+    ready = Collector()
+    assembler = assembly.StudyAssembler(
+        Spool(tmp_path / "spool"), ready, quiet_seconds=0.5, release_grace_seconds=0.05
+    )
+    assembler.start()
+    try:
+        study = pydicom.uid.generate_uid()
+        assembler.instance_stored(_stored(assembler.spool, study), 7)
+        assembler.association_closed(7)  # an abort: no release follows
+        [result] = ready.wait(1, timeout=5)
+        assert result.trigger is Trigger.QUIET
+    finally:
+        assembler.stop()
