@@ -56,7 +56,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
-from pynetdicom import AE, build_role, evt
+from pynetdicom import build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -71,9 +71,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicom_io.config import Destination, TLSConfig, validate_ae_title
 from dicom_io.listener import REFUSAL_STATUS, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
-from dicom_io.send import client_ssl_context, require_peer_verification
+from dicom_io.send import request_association, require_peer_verification
 from dicom_io.spool import Spool, SpoolRefusal, SpoolWriteError
-from dicom_io.tuning import set_nodelay
 from dicom_io.uids import is_valid_uid, require_uid
 
 __all__ = [
@@ -232,31 +231,27 @@ def _association(
     Raises:
         RetrieveError: the association was rejected, aborted or could not be opened.
     """
-    ae = AE(ae_title=calling_ae)
-    ae.requested_contexts = list(contexts)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    tls_args = (client_ssl_context(tls), None) if tls is not None else None
     try:
-        assoc = ae.associate(
-            pacs.host,
-            pacs.port,
-            ae_title=pacs.ae_title,
+        assoc = request_association(
+            pacs,
+            contexts,
+            calling_ae=calling_ae,
+            tls=tls,
+            timeout=timeout,
             ext_neg=ext_neg,
-            evt_handlers=handlers,
-            tls_args=tls_args,  # type: ignore[arg-type]  # pynetdicom: hostname may be None
+            handlers=handlers,
         )
     except Exception as exc:  # e.g. TLS handshake errors
         raise RetrieveError(f"association with PACS {pacs} failed ({type(exc).__name__})") from None
     if not assoc.is_established:
         what = "rejected" if assoc.is_rejected else "failed"
         raise RetrieveError(f"association with PACS {pacs} {what}")
-    set_nodelay(getattr(getattr(assoc.dul, "socket", None), "socket", None))
     try:
         yield assoc
     finally:
         if assoc.is_established:
             assoc.release()
-        ae.shutdown()
+        assoc.ae.shutdown()
 
 
 def _find(assoc: Association, pacs: PacsAddress, identifier: Dataset) -> Iterator[Dataset]:

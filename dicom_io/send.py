@@ -13,10 +13,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
+from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 from dicom_io.config import Destination, TLSConfig, validate_ae_title
@@ -28,6 +30,7 @@ __all__ = [
     "SendResult",
     "client_ssl_context",
     "expand_paths",
+    "request_association",
     "require_peer_verification",
     "send_files",
 ]
@@ -100,6 +103,41 @@ def _inspect(path: Path) -> _Item | str:
     return _Item(path=path, sop_class_uid=sop_class, transfer_syntax_uid=ts)
 
 
+def request_association(
+    peer: Destination,
+    contexts: Sequence[PresentationContext],
+    *,
+    calling_ae: str,
+    tls: TLSConfig | None,
+    timeout: float,
+    ext_neg: list[Any] | None = None,
+    handlers: list[Any] | None = None,
+) -> Association:
+    """Ask ``peer`` for an association as SCU (over verified TLS when ``tls``); the caller
+    checks ``is_established`` and releases it. Our own AE's threads stop with the association.
+
+    Raises:
+        ValueError: ``tls`` without a CA file.
+        Exception: whatever pynetdicom raises while connecting (e.g. a TLS handshake error).
+    """
+    ae = AE(ae_title=calling_ae)
+    ae.requested_contexts = list(contexts)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    tls_args = (client_ssl_context(tls), None) if tls is not None else None
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        ext_neg=ext_neg,
+        evt_handlers=handlers,
+        tls_args=tls_args,  # type: ignore[arg-type]  # pynetdicom: hostname may be None
+    )
+    if assoc.is_established:
+        # Small DIMSE writes must not wait on Nagle/delayed-ACK.
+        set_nodelay(getattr(getattr(assoc.dul, "socket", None), "socket", None))
+    return assoc
+
+
 def require_peer_verification(tls: TLSConfig | None) -> None:
     """Refuse TLS without a CA file: the peer's certificate must be verified.
 
@@ -167,16 +205,9 @@ def _send_once(
     sent: list[Path] = []
     failed: list[tuple[Path, str]] = []
     for batch, contexts in _batches(items):
-        ae = AE(ae_title=calling_ae)
-        ae.requested_contexts = contexts
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-        tls_args = (client_ssl_context(tls), None) if tls is not None else None
         try:
-            assoc = ae.associate(
-                destination.host,
-                destination.port,
-                ae_title=destination.ae_title,
-                tls_args=tls_args,  # type: ignore[arg-type]  # pynetdicom: hostname may be None
+            assoc = request_association(
+                destination, contexts, calling_ae=calling_ae, tls=tls, timeout=timeout
             )
         except Exception as exc:  # e.g. TLS handshake errors
             failed += [(i.path, f"association failed ({type(exc).__name__})") for i in batch]
@@ -185,8 +216,6 @@ def _send_once(
             reason = "association rejected" if assoc.is_rejected else "association failed"
             failed += [(i.path, reason) for i in batch]
             continue
-        # Small DIMSE writes must not wait on Nagle/delayed-ACK.
-        set_nodelay(getattr(getattr(assoc.dul, "socket", None), "socket", None))
         try:
             for n, item in enumerate(batch):
                 if not assoc.is_established:
