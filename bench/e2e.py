@@ -10,7 +10,10 @@ X-ray, resized) with pynetdicom.
     split into quiet-window wait (response → study queued, stamped by the
     listener in the database) and processing (queued → SR acknowledged).
 (b) throughput: N studies back to back (one association each), with 1 and 2
-    worker processes: N / (first send → last SR acknowledged).
+    worker processes: N / (first send → last SR acknowledged), and the CPU
+    time per study of each process group (listener, worker processes, this
+    process as sender and PACS, PostgreSQL + Redis), from which the rate the
+    cores could sustain if they were never idle follows.
 (c) the same on the embedded default (SQLite + the private redis-server broker).
 
     .venv/bin/python bench/e2e.py                    # the issue's sizes
@@ -37,6 +40,7 @@ from datetime import UTC
 from pathlib import Path
 
 import numpy as np
+import psutil
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -254,16 +258,48 @@ def run_latency(stack: Stack, pacs: Pacs, pixels: np.ndarray, n: int) -> dict[st
     }
 
 
-def run_throughput(stack: Stack, pacs: Pacs, pixels: np.ndarray, n: int) -> float:
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in processes:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def cpu_groups(stack: Stack) -> dict[str, list[psutil.Process]]:
+    """The processes whose CPU time the throughput run accounts for, by role."""
+    groups: dict[str, list[psutil.Process]] = {}
+    for role, popen in zip(("listener", "worker"), stack.processes, strict=False):
+        root = psutil.Process(popen.pid)
+        groups[role] = [root, *root.children(recursive=True)]
+    groups["bench (sender + PACS)"] = [psutil.Process()]
+    services: list[psutil.Process] = []
+    for proc in psutil.process_iter(["name"]):
+        if (proc.info["name"] or "").startswith(("postgres", "redis-server")):
+            services.append(proc)
+    groups["PostgreSQL + Redis"] = services
+    return groups
+
+
+def run_throughput(
+    stack: Stack, pacs: Pacs, pixels: np.ndarray, n: int
+) -> tuple[float, dict[str, float]]:
+    """Studies/s, and core-milliseconds per study spent by each group of processes."""
     studies = [make_study(pixels) for _ in range(n)]
     uids = {str(ds.StudyInstanceUID) for ds in studies}
+    groups = cpu_groups(stack)
+    before = {role: _cpu_seconds(procs) for role, procs in groups.items()}
     start = time.time()
     for ds in studies:
         send(stack.port, ds)
     if not pacs.wait_for(uids, 60 + 10 * n):
         raise RuntimeError(f"{stack.name}: not all SRs arrived")
     elapsed = max(pacs.sr_at[u] for u in uids) - start
-    return n / elapsed
+    cpu = {role: (_cpu_seconds(procs) - before[role]) * 1000 / n for role, procs in groups.items()}
+    return n / elapsed, cpu
 
 
 def production_env() -> tuple[dict[str, str], str] | None:
@@ -331,11 +367,15 @@ def bench_stack(
             )
             print(rows[-1], flush=True)
         if args.throughput_studies:
-            rate = run_throughput(stack, pacs, pixels, args.throughput_studies)
+            rate, cpu = run_throughput(stack, pacs, pixels, args.throughput_studies)
             label = "(c)" if name == "embedded" else "(b)"
+            split = ", ".join(f"{role} {ms:.0f}" for role, ms in cpu.items())
             rows.append(
                 f"{label} throughput {name:17s} {workers} worker(s) "
                 f"n={args.throughput_studies:<4d} {rate:.2f} studies/s"
+                f" | CPU core-ms per study: {split} (total {sum(cpu.values()):.0f};"
+                f" all {os.cpu_count()} cores busy would allow"
+                f" {(os.cpu_count() or 1) * 1000 / sum(cpu.values()):.2f} studies/s)"
             )
             print(rows[-1], flush=True)
     finally:

@@ -6,19 +6,19 @@ Generates synthetic DX instances in a temporary directory (2048x2048 16-bit,
 about 8 MB, and 512x512 16-bit), then sends them with DCMTK ``storescu`` over
 one association and over 4 parallel associations (4 storescu processes) to
 
-* ``python -m dicom_io listen`` (our listener: spool write + fsync + rename per
-  instance, study assembly), and
+* ``python -m dicom_io listen`` (our listener: per instance, a pre-created pool
+  file written, ``fdatasync``-ed and renamed into place; study assembly), and
 * a private Orthanc (``/usr/sbin/Orthanc``: its own ports and storage and
   index folders in the temporary directory, ``SyncStorageArea`` true, its
   default, so like us it flushes every file before answering Success: one
-  ``fdatasync`` per instance, where we flush the file and then its folder), and
+  ``fdatasync`` per instance, as we do), and
 * DCMTK ``storescp`` (writes files, no fsync),
 
 all negotiating the same maximum PDU (128 KiB). Prints MB/s, instances/s,
 our/storescp and our/Orthanc ratios and the listener's peak RSS while receiving.
 
 It also measures the cost of the durable commit alone on the same file system
-(write a 512x512-sized temp file, fsync, rename, fsync the directory): over one
+(write a file whose name is already durable, ``fdatasync``, rename): over one
 association the sender waits for each C-STORE response, so ``1 / (noop time per
 instance + durable commit)`` bounds what any receiver that answers Success only
 after the instance is on stable storage can reach.
@@ -274,25 +274,29 @@ def stop_receiver(proc: subprocess.Popen) -> None:
 
 
 def durable_commit_ms(folder: Path, size: int, repeat: int = 40) -> float:
-    """Median ms of the spool's commit sequence for one ``size``-byte file, done serially."""
+    """Median ms of the listener's commit for one ``size``-byte file, done serially:
+    write a pre-created file (its name made durable beforehand, untimed, as the
+    pool does), ``fdatasync`` it, rename it into place."""
     folder.mkdir(parents=True, exist_ok=True)
     data = os.urandom(size)
+    pooled = [folder / f"{i}.pool" for i in range(repeat)]
+    for path in pooled:
+        path.touch(0o600)
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
     times = []
-    for i in range(repeat):
-        tmp, final = folder / f"{i}.part", folder / f"{i}.dcm"
+    for i, path in enumerate(pooled):
         t = time.perf_counter()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(path, os.O_WRONLY)
         try:
             os.write(fd, data)
-            os.fsync(fd)
+            os.fdatasync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, final)
-        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        os.replace(path, folder / f"{i}.dcm")
         times.append(time.perf_counter() - t)
     shutil.rmtree(folder, ignore_errors=True)
     return statistics.median(times) * 1e3
@@ -429,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["sync"])
             commit_ms[name] = durable_commit_ms(work / "commit-probe", files[0].stat().st_size)
             print(
-                f"  durable commit (write, fsync, rename, fsync dir) of one {name} file: "
+                f"  durable commit (write a pooled file, fdatasync, rename) of one {name} file: "
                 f"{commit_ms[name]:.2f} ms",
                 file=sys.stderr,
             )
@@ -460,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         "receivers: storescp = DCMTK storescp (no fsync); orthanc = Orthanc, SyncStorageArea "
         "true (one fdatasync of each file before Success, SQLite index); noop = pynetdicom with our AE setup "
         "answering Success without writing (the floor of any pynetdicom receiver); "
-        "pneumo = python -m dicom_io listen (write, fsync, rename, fsync dir, assembly).",
+        "pneumo = python -m dicom_io listen (write a pooled file, fdatasync, rename; assembly).",
         "",
         f"each row: median of {args.repeat} interleaved rounds (seconds range = fastest..slowest).",
         "",

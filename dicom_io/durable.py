@@ -1,6 +1,7 @@
-"""Durable, private file writes: the one "temp file, fsync, rename, fsync directory" helper.
+"""Durable, private file writes: temp file, fsync, rename, fsync directory; or one flush.
 
-A file written here is either absent or complete after a crash at any point:
+A file written by :func:`write_atomic` (or :func:`write_temp` and
+:func:`commit`) is either absent or complete after a crash at any point:
 
 1. the bytes go to a temporary file in a folder on the same file system,
    created ``0600`` (PHI at rest: only the service user may read it);
@@ -11,7 +12,8 @@ A file written here is either absent or complete after a crash at any point:
    power loss too (and so does every folder this call had to create).
 
 Folders created here are ``0700``. The spool, the study-assembly journal and
-the result SR/SC files all go through these functions.
+the result SR/SC files all go through these functions; only the listener's
+spool writes use the one-flush commit below.
 
 Group commit (step 4): renames into one folder from several threads at once
 (several associations receiving the same study) share directory flushes. A
@@ -19,15 +21,30 @@ flush started after a rename covers it, so a caller whose rename is covered
 by a flush that started after it returns when that flush ends, instead of
 queueing a flush of its own; nobody returns before a flush that started after
 its own rename has succeeded (:func:`sync_dir`).
+
+One-flush commit (:class:`FilePool`, :func:`write_pooled`, :func:`rename_pooled`):
+for a writer that answers someone after every file (the C-STORE receive path),
+the directory flush of step 4 is pure latency. A pool holds empty files whose
+names are already durable (a batch is created, then its folder is flushed
+once). A write takes one, writes the bytes, ``fdatasync``-s it (data and size:
+the name is durable already) and renames it to its final name *without*
+flushing a directory. After a crash the instance is either under its final
+name or still under its pool name, complete; the caller must be able to tell
+a complete pool file from a torn one (the spool writes a checksum into the
+file) and promote complete ones at start-up. Folders created for the final
+name are flushed *before* the rename, so the rename never moves a durable
+name into a folder that might not survive.
 """
 
 from __future__ import annotations
 
 import errno
 import io
+import logging
 import os
 import threading
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,17 +54,24 @@ from pydicom.dataset import Dataset
 __all__ = [
     "DIR_MODE",
     "FILE_MODE",
+    "POOL_SUFFIX",
+    "FilePool",
     "commit",
     "fsync_dir",
     "make_private_dirs",
+    "rename_pooled",
     "sync_dir",
     "write_atomic",
     "write_part10",
+    "write_pooled",
     "write_temp",
 ]
 
+log = logging.getLogger(__name__)
+
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+POOL_SUFFIX = ".pool"  # the names of a FilePool's files
 
 Chunk = bytes | bytearray | memoryview
 
@@ -206,6 +230,165 @@ def commit(tmp: Path, final: Path) -> None:
     sync_dir(final.parent)
     for d in created:
         fsync_dir(d.parent)
+
+
+class FilePool:
+    """Empty 0600 files in ``folder`` whose names are already durable, handed out one at a time.
+
+    Thread-safe: each :meth:`take` returns a file nobody else in this process
+    holds. Files are created ``batch`` at a time with one flush of the folder
+    for the batch; when fewer than ``low_water`` are left a background thread
+    creates the next batch, and a :meth:`take` finding the pool empty creates
+    one itself. Only files this object created are handed out: files found in
+    the folder (a previous run's) are the owner's to recover, never reused.
+    """
+
+    def __init__(self, folder: Path, *, batch: int = 64, low_water: int = 16) -> None:
+        if batch < 1 or not 0 <= low_water < batch:
+            raise ValueError("FilePool needs batch >= 1 and 0 <= low_water < batch")
+        self.folder = Path(folder)
+        self.batch = batch
+        self.low_water = low_water
+        self._free: deque[Path] = deque()
+        self._lock = threading.Lock()
+        self._fill_lock = threading.Lock()  # one batch at a time
+        self._refilling = False
+
+    def __len__(self) -> int:
+        """Files ready to be taken."""
+        with self._lock:
+            return len(self._free)
+
+    def take(self) -> Path:
+        """An empty file with a durable name, for this caller alone.
+
+        Raises:
+            OSError: the pool was empty and a batch could not be created.
+        """
+        while True:
+            with self._lock:
+                if self._free:
+                    path = self._free.popleft()
+                    if len(self._free) < self.low_water and not self._refilling:
+                        self._refilling = True
+                        threading.Thread(
+                            target=self._refill, name="pneumo-file-pool", daemon=True
+                        ).start()
+                    return path
+            self.fill(only_if_empty=True)
+
+    def fill(self, *, only_if_empty: bool = False) -> int:
+        """Create a batch of files, flush the folder once, add them; return how many.
+
+        ``only_if_empty`` does nothing when files are ready (another thread
+        filled the pool while this one waited).
+
+        Raises:
+            OSError: the folder or a file cannot be created or flushed; files
+                created by this call are removed again.
+        """
+        with self._fill_lock:
+            if only_if_empty and len(self):
+                return 0
+            created_dirs = make_private_dirs(self.folder)
+            names: list[Path] = []
+            try:
+                for _ in range(self.batch):
+                    path = self.folder / f"{uuid.uuid4().hex}{POOL_SUFFIX}"
+                    fd = os.open(
+                        path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE
+                    )
+                    os.close(fd)
+                    names.append(path)
+                fsync_dir(self.folder)  # the whole batch's names, one flush
+                for d in created_dirs:
+                    fsync_dir(d.parent)
+            except BaseException:
+                for path in names:
+                    path.unlink(missing_ok=True)
+                raise
+            with self._lock:
+                self._free.extend(names)
+            return len(names)
+
+    def discard(self, path: Path) -> None:
+        """Remove a taken file whose content is unknown (a failed write or flush).
+
+        Not flushed: should the name survive a crash, the owner's start-up
+        recovery judges the file like any other pool file.
+        """
+        Path(path).unlink(missing_ok=True)
+
+    def forget(self) -> None:
+        """Drop every name held (the folder was emptied or replaced under us)."""
+        with self._lock:
+            self._free.clear()
+
+    def _refill(self) -> None:
+        try:
+            if len(self) < self.low_water:
+                self.fill()
+        except OSError as exc:  # the next take() on an empty pool fills (and raises) itself
+            log.warning("refilling the file pool failed (%s)", exc.strerror)
+        finally:
+            with self._lock:
+                self._refilling = False
+
+
+def write_pooled(pool: FilePool, parts: Sequence[Chunk]) -> tuple[Path, int]:
+    """Write ``parts`` into an empty file from ``pool`` and ``fdatasync`` it.
+
+    Returns the file's (pool) path and the number of bytes written. The name
+    is durable already, so ``fdatasync`` (data and size) is the only flush.
+    The caller renames the file with :func:`rename_pooled` or removes it
+    with :meth:`FilePool.discard`. A failed write or flush removes the file.
+    Names the pool holds that vanished (the folder was emptied) are dropped
+    and a fresh batch is tried once.
+
+    Raises:
+        OSError: no file could be taken, written or flushed (disk full, I/O error).
+    """
+    stale_retries = 1
+    while True:
+        path = pool.take()
+        try:
+            # Never O_CREAT: a name created here would not be durable.
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            pool.forget()
+            if stale_retries == 0:
+                raise
+            stale_retries -= 1
+            continue
+        try:
+            if os.fstat(fd).st_size:  # written by someone else: not ours to touch
+                continue
+            try:
+                size = _write_all(fd, parts)
+                os.fdatasync(fd)
+            except BaseException:
+                pool.discard(path)
+                raise
+            return path, size
+        finally:
+            os.close(fd)
+
+
+def rename_pooled(path: Path, final: Path) -> None:
+    """Rename a file written by :func:`write_pooled` to ``final``, without a directory flush.
+
+    Folders missing above ``final`` are created 0700 and their entries
+    flushed *before* the rename, so the file only ever moves into a folder
+    that survives a crash. The rename itself is not flushed: until it is
+    durable the file's pool name is, and the owner's start-up recovery
+    promotes it (the write must be recognisable as complete).
+
+    Raises:
+        OSError: a folder cannot be created or flushed, or the rename fails.
+    """
+    for d in make_private_dirs(final.parent):
+        fsync_dir(d.parent)
+    os.replace(path, final)
 
 
 def write_atomic(path: Path, data: Chunk | Sequence[Chunk]) -> Path:

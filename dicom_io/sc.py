@@ -36,6 +36,7 @@ __all__ = [
     "blend_heatmap",
     "build_heatmap_sc",
     "burn_in_text",
+    "capture_shape",
     "heatmap_sc_uid",
     "heatmap_series_uid",
 ]
@@ -47,6 +48,28 @@ SERIES_DESCRIPTION = "AI heatmap (not for diagnosis)"
 # Heat at 1.0 covers the image at this opacity; heat 0 leaves it untouched.
 MAX_ALPHA = 0.5
 _BIPED = frozenset("APRLHF")
+
+
+def capture_shape(shape: tuple[int, ...], max_side: int) -> tuple[int, int]:
+    """(rows, columns) of the heatmap capture of an image of ``shape`` (rows, columns, ...).
+
+    The image scaled down, aspect kept, so its longest side is ``max_side``
+    (0: no limit); never scaled up. The capture is a display aid, not a
+    diagnostic image: a 2048² RGB capture is 12 MB to build, store and send,
+    a 1024² one a quarter of that.
+
+    Raises:
+        ValueError: ``max_side`` is negative or ``shape`` has an empty side.
+    """
+    if max_side < 0:
+        raise ValueError("max_side must not be negative")
+    rows, columns = int(shape[0]), int(shape[1])
+    if rows < 1 or columns < 1:
+        raise ValueError(f"image shape {tuple(shape)} has an empty side")
+    if max_side == 0 or max(rows, columns) <= max_side:
+        return rows, columns
+    scale = max_side / max(rows, columns)
+    return max(1, round(rows * scale)), max(1, round(columns * scale))
 
 
 def heatmap_sc_uid(study_uid: str, source_sop_uid: str, model_version: str, revision: int) -> str:
@@ -65,27 +88,37 @@ def heatmap_series_uid(study_uid: str, model_version: str) -> str:
     return derive_uid("pneumo-sc-series", study_uid, model_version)
 
 
-def _heat_colours(heat: np.ndarray) -> np.ndarray:
-    """A black-red-yellow-white ("hot") colour map, float RGB in [0, 1]."""
-    return np.stack(
-        [np.clip(3.0 * heat - offset, 0.0, 1.0) for offset in (0.0, 1.0, 2.0)],
-        axis=-1,
-    )
+_HEAT_OFFSETS = (0.0, 1.0, 2.0)
+"""The black-red-yellow-white ("hot") colour map: channel c is clip(3 * heat - offset_c, 0, 1)."""
 
 
 def blend_heatmap(image: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
     """Blend ``heatmap`` over grey ``image`` (both float [0, 1], same 2-D shape) into uint8 RGB.
 
-    The opacity follows the heat, so cold regions show the radiograph unchanged.
+    The opacity follows the heat, so cold regions show the radiograph unchanged:
+    ``(1 - a) * grey + a * hot(heat)`` with ``a = MAX_ALPHA * heat``, computed a
+    channel at a time in float32 into the output (a 1024² capture is built
+    without any full-size float RGB temporary).
     """
     image = _checked(image, "image")
     heat = _checked(heatmap, "heatmap")
     if image.shape != heat.shape:
         raise ValueError(f"heatmap shape {heat.shape} differs from image shape {image.shape}")
-    grey = np.repeat(image[..., None], 3, axis=-1)
-    alpha = (MAX_ALPHA * heat)[..., None]
-    rgb = (1.0 - alpha) * grey + alpha * _heat_colours(heat)
-    out: np.ndarray = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+    alpha = np.float32(MAX_ALPHA) * heat
+    keep = np.float32(1.0) - alpha
+    grey = keep * image
+    out = np.empty((*image.shape, 3), dtype=np.uint8)
+    colour = np.empty_like(heat)
+    for channel, offset in enumerate(_HEAT_OFFSETS):
+        np.multiply(heat, np.float32(3.0), out=colour)
+        colour -= np.float32(offset)
+        np.clip(colour, 0.0, 1.0, out=colour)
+        colour *= alpha
+        colour += grey
+        colour *= np.float32(255.0)
+        np.rint(colour, out=colour)
+        np.clip(colour, 0.0, 255.0, out=colour)
+        out[..., channel] = colour
     return out
 
 

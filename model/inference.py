@@ -294,7 +294,9 @@ class Predictor:
         return out
 
     def predict_with_heatmaps(
-        self, images: Sequence[np.ndarray]
+        self,
+        images: Sequence[np.ndarray],
+        heatmap_shapes: Sequence[tuple[int, int]] | None = None,
     ) -> tuple[list[Prediction], list[np.ndarray]]:
         """:meth:`predict` and :meth:`heatmaps` from one forward pass per chunk.
 
@@ -306,26 +308,46 @@ class Predictor:
         no graph: Grad-CAM needs the gradient at its layer only, and the layers
         after it are the pool and the head. A map is returned for every image,
         chest or not (callers drop the ones they do not want).
+
+        ``heatmap_shapes`` (one (H, W) per image) asks for each map at that size
+        instead of its image's own: a caller that displays the map smaller (the
+        worker's heatmap capture) then never has a full-resolution map made.
+
+        Raises:
+            ValueError: ``heatmap_shapes`` does not have one shape per image.
         """
+        shapes = self._map_shapes(images, heatmap_shapes)
         logits: list[np.ndarray] = []
         scores: list[np.ndarray] = []
         maps: list[np.ndarray] = []
         with self._lock:
+            start = 0
             for chunk, x in self._chunks(images):
                 with torch.no_grad():
                     lg, ft, fmap = self._tta(x)
                 logits.append(lg.float().cpu().numpy())
                 scores.append(self.ood.score(ft.float().cpu().numpy()))
-                maps += self._grad_cam(fmap, chunk)
+                maps += self._grad_cam(fmap, shapes[start : start + len(chunk)])
+                start += len(chunk)
         if not logits:
             return [], []
         return self._predictions(np.concatenate(logits), np.concatenate(scores)), maps
 
-    def _grad_cam(self, fmap: torch.Tensor, chunk: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Grad-CAM of the pneumonia logit at ``fmap`` (N, C, h, w), per image of ``chunk``.
+    @staticmethod
+    def _map_shapes(
+        images: Sequence[np.ndarray], shapes: Sequence[tuple[int, int]] | None
+    ) -> list[tuple[int, int]]:
+        if shapes is None:
+            return [(int(np.shape(img)[0]), int(np.shape(img)[1])) for img in images]
+        if len(shapes) != len(images):
+            raise ValueError(f"{len(shapes)} heatmap shapes for {len(images)} image(s)")
+        return [(int(h), int(w)) for h, w in shapes]
 
-        Each map is float32 in [0, 1] at its image's own (H, W); all zeros when
-        the model sees no positive evidence.
+    def _grad_cam(self, fmap: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Grad-CAM of the pneumonia logit at ``fmap`` (N, C, h, w), one map per image.
+
+        Each map is float32 in [0, 1] at its (H, W) of ``shapes``; all zeros
+        when the model sees no positive evidence.
         """
         with torch.enable_grad():
             leaf = fmap.detach().float().requires_grad_(True)
@@ -334,12 +356,12 @@ class Predictor:
         weights = grads.mean(dim=(2, 3), keepdim=True)
         cams = F.relu((weights * leaf.detach()).sum(dim=1, keepdim=True))
         out: list[np.ndarray] = []
-        for img, cam in zip(chunk, cams, strict=True):
-            h, w = np.asarray(img).shape[:2]
-            up = F.interpolate(cam[None], size=(h, w), mode="bilinear", align_corners=False)
-            m = up[0, 0].cpu().numpy().astype(np.float32)
-            peak = float(m.max())
-            out.append(m / peak if peak > 0 else np.zeros((h, w), np.float32))
+        for (h, w), cam in zip(shapes, cams, strict=True):
+            up = F.interpolate(cam[None].float(), size=(h, w), mode="bilinear",
+                               align_corners=False)[0, 0].cpu()  # fmt: skip
+            peak = float(up.max())
+            # normalised in place: no second full-size copy of a 2048² map
+            out.append(up.div_(peak).numpy() if peak > 0 else np.zeros((h, w), np.float32))
         return out
 
     # ------------------------------------------------------------------ explanation
@@ -349,12 +371,13 @@ class Predictor:
         Each map is float32 in [0, 1] with the input image's own (H, W); all zeros
         when the model sees no positive evidence.
         """
+        shapes = self._map_shapes(images, None)
         out: list[np.ndarray] = []
         with self._lock:
             for chunk, x in self._chunks(images):
                 with torch.no_grad():
                     fmap = self.net.feature_map(x)
-                out += self._grad_cam(fmap, chunk)
+                out += self._grad_cam(fmap, shapes[len(out) : len(out) + len(chunk)])
         return out
 
 

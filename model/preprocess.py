@@ -42,9 +42,11 @@ def _as_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
         raise ValueError(f"image too small for the model: {tuple(t.shape)}")
     if t.dtype == torch.uint8:  # convenience: 8-bit images map 0..255 to [0, 1]
         return t.to(torch.float32) / 255.0
-    t = t.to(torch.float32)
-    t = torch.nan_to_num(t, nan=0.0, posinf=1.0, neginf=0.0)
-    return t.clamp_(0.0, 1.0)
+    # A new tensor (the caller's array is never changed); +-inf clamp to 1 and 0.
+    t = t.to(torch.float32).clamp(0.0, 1.0)
+    if torch.isnan(t).any():  # rare: one check is cheaper than rewriting every pixel
+        t = torch.nan_to_num_(t, nan=0.0)
+    return t
 
 
 def resize_to_input(image: np.ndarray | torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:

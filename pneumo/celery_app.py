@@ -18,6 +18,7 @@ from celery import Celery
 from pneumo.settings import Settings, load_settings
 from worker import embedded_broker
 from worker.app import create_app
+from worker.config import WorkerPool
 
 __all__ = ["app", "build_app", "start_embedded_broker"]
 
@@ -43,8 +44,19 @@ def start_embedded_broker(settings: Settings) -> int | None:
 
 
 def build_app(settings: Settings) -> Celery:
-    """The Celery app for ``settings`` (the broker is not contacted, nor started)."""
-    return create_app(settings.worker_config())
+    """The Celery app for ``settings`` (the broker is not contacted, nor started).
+
+    Its ``worker_pool`` and ``worker_concurrency`` are the settings' pool
+    (``PNEUMO_WORKER_POOL``) and studies in flight, as ``pneumo worker`` uses
+    them, so ``celery -A pneumo.celery_app worker`` without ``-P``/``-c`` runs
+    the same pool; their flags still override.
+    """
+    app = create_app(settings.worker_config())
+    app.conf.worker_pool = settings.worker_pool.value
+    app.conf.worker_concurrency = (
+        settings.worker_threads if settings.worker_pool is WorkerPool.THREADS else 1
+    )
+    return app
 
 
 def __getattr__(name: str) -> Celery:

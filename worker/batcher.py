@@ -54,8 +54,14 @@ class Served:
 @dataclass(frozen=True)
 class _Submission:
     images: tuple[Image, ...]
+    shapes: tuple[tuple[int, int], ...] | None  # the maps' (H, W); None: the images' own
     arrived: float
     future: Future[Served]
+
+    def map_shapes(self) -> list[tuple[int, int]]:
+        if self.shapes is not None:
+            return list(self.shapes)
+        return [(int(np.shape(i)[0]), int(np.shape(i)[1])) for i in self.images]
 
 
 class BatchingPredictor:
@@ -104,30 +110,46 @@ class BatchingPredictor:
         return self.inner.heatmaps(images)
 
     def predict_with_heatmaps(
-        self, images: Sequence[Image]
+        self,
+        images: Sequence[Image],
+        heatmap_shapes: Sequence[tuple[int, int]] | None = None,
     ) -> tuple[Sequence[Prediction], Sequence[npt.NDArray[np.float32]]]:
         """``images`` through the model, in one pass with other callers' images when they come.
 
+        ``heatmap_shapes``: each map's (H, W), one per image (None: the images' own).
+
         Raises:
-            ValueError: the inner predictor returned a different number of
-                results than images.
+            ValueError: ``heatmap_shapes`` does not have one shape per image, or
+                the inner predictor returned a different number of results than images.
             Exception: whatever the inner predictor raises on these images
                 alone (never another caller's failure).
         """
-        served = self.submit(images).result()
+        served = self.submit(images, heatmap_shapes).result()
         if served.leader:
             self._forwards().append(served.forward_images)
         return served.predictions, served.heatmaps
 
     # ------------------------------------------------------------------ batching
-    def submit(self, images: Sequence[Image]) -> Future[Served]:
+    def submit(
+        self,
+        images: Sequence[Image],
+        heatmap_shapes: Sequence[tuple[int, int]] | None = None,
+    ) -> Future[Served]:
         """Queue ``images`` for the next pass; the future holds this submission's share.
 
         Without a dispatcher (``max_wait_ms`` 0, or after :meth:`close`) the
         call runs at once in the calling thread and the future is already done.
+
+        Raises:
+            ValueError: ``heatmap_shapes`` does not have one shape per image.
         """
+        if heatmap_shapes is not None and len(heatmap_shapes) != len(images):
+            raise ValueError(f"{len(heatmap_shapes)} heatmap shapes for {len(images)} image(s)")
         future: Future[Served] = Future()
-        submission = _Submission(tuple(images), time.monotonic(), future)
+        shapes = (
+            None if heatmap_shapes is None else tuple((int(h), int(w)) for h, w in heatmap_shapes)
+        )
+        submission = _Submission(tuple(images), shapes, time.monotonic(), future)
         if submission.images:
             with self._ready:
                 if not self._closed and self._dispatcher is not None:
@@ -205,8 +227,9 @@ class BatchingPredictor:
             self._serve_alone(batch[0])
             return
         images = [image for submission in batch for image in submission.images]
+        shapes = [shape for submission in batch for shape in submission.map_shapes()]
         try:
-            predictions, maps = self._call(images)
+            predictions, maps = self._call(images, shapes)
         except Exception:
             # Someone's images broke the pass: each alone, so only they fail.
             for submission in batch:
@@ -223,16 +246,20 @@ class BatchingPredictor:
     def _serve_alone(self, submission: _Submission) -> None:
         n = len(submission.images)
         try:
-            predictions, maps = self._call(submission.images) if n else ([], [])
+            predictions, maps = self._call(submission.images, submission.shapes) if n else ([], [])
         except Exception as exc:
             submission.future.set_exception(exc)
             return
         submission.future.set_result(Served(tuple(predictions), tuple(maps), n, n > 0))
 
     def _call(
-        self, images: Sequence[Image]
+        self, images: Sequence[Image], shapes: Sequence[tuple[int, int]] | None
     ) -> tuple[Sequence[Prediction], Sequence[npt.NDArray[np.float32]]]:
-        predictions, maps = self.inner.predict_with_heatmaps(images)
+        predictions, maps = (
+            self.inner.predict_with_heatmaps(images)
+            if shapes is None
+            else self.inner.predict_with_heatmaps(images, shapes)
+        )
         if len(predictions) != len(images) or len(maps) != len(images):
             raise ValueError(
                 f"predictor returned {len(predictions)} predictions and {len(maps)} heatmaps"

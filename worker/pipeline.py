@@ -166,7 +166,13 @@ def run_study(
             config.database_url, study_id, revision, source=PixelSource.from_config(config)
         )
     read = select_and_read(loaded, max_pixels_bits=config.max_image_pixels_bits, timer=timer)
-    (predicted,) = predict(predictor, [read], batch_size=config.batch_size, timer=timer)
+    (predicted,) = predict(
+        predictor,
+        [read],
+        batch_size=config.batch_size,
+        timer=timer,
+        heatmap_max_side=config.heatmap_max_side,
+    )
     assessment = assess(
         predicted.predictions,
         AgeEvidence.from_dataset(loaded.first_dataset),

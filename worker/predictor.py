@@ -93,12 +93,19 @@ class SinglePassPredictor(Predictor, Protocol):
     """A :class:`Predictor` that also explains in the pass that predicts."""
 
     def predict_with_heatmaps(
-        self, images: Sequence[Image]
+        self,
+        images: Sequence[Image],
+        heatmap_shapes: Sequence[tuple[int, int]] | None = None,
     ) -> tuple[Sequence[Prediction], Sequence[npt.NDArray[np.float32]]]:
         """(:meth:`predict`, :meth:`heatmaps`) of ``images`` from one forward pass.
 
         A map for every image, chest or not; the Grad-CAM comes from the
         activations and gradients of the pass that produced the probability.
+        Each map has the (H, W) of ``heatmap_shapes`` when given (one per
+        image), else its image's own.
+
+        Raises:
+            ValueError: ``heatmap_shapes`` does not have one shape per image.
         """
         ...
 

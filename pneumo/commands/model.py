@@ -23,6 +23,7 @@ __all__ = [
     "register",
     "run_adapt",
     "run_adapt_check",
+    "run_ensemble_check",
     "run_monitor",
     "run_evaluate",
     "run_guard",
@@ -257,6 +258,34 @@ def _register_model(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     c.add_argument("--prior", action="store_true", help="also adapt the class prior (EM)")
     _add_model_argument(c)
     c.set_defaults(func=run_adapt_check)
+    e = sub.add_parser(
+        "ensemble-check",
+        help="score trained candidates and their logit-mean ensemble on validation only",
+        description=(
+            "model.ensemble_check: each weights file and the ensemble averaging their logits, "
+            "on the plain and perturbed validation views of their common patient split, with "
+            "the shipped operating rule (Platt on both views, threshold for the target "
+            "sensitivity on the perturbed view). kermany/test is not read."
+        ),
+    )
+    e.add_argument("weights", nargs="+", type=Path, metavar="WEIGHTS", help="two or more members")
+    e.add_argument(
+        "--data",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="the training folder the members were trained on (default: the recipe's)",
+    )
+    e.add_argument("--cache-dir", type=Path, metavar="DIR", help="decoded-pixel cache folder")
+    e.add_argument("--out", type=Path, metavar="FILE", help="write the figures as JSON here")
+    e.add_argument(
+        "--limit",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only N validation images per class (a quick look; default: all)",
+    )
+    e.set_defaults(func=run_ensemble_check)
     g = sub.add_parser(
         "guard",
         help="score the not-a-chest guard on chest and non-chest DICOM files it never saw",
@@ -372,6 +401,26 @@ def run_adapt_check(args: argparse.Namespace) -> int:
 
 def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def run_ensemble_check(args: argparse.Namespace) -> int:
+    from model.ensemble_check import ensemble_check, format_check
+    from model.train import TrainConfig
+
+    try:
+        check = ensemble_check(
+            args.weights,
+            args.data or TrainConfig().data,
+            cache_dir=args.cache_dir,
+            limit=args.limit,
+        )
+    except (OSError, ValueError) as exc:
+        print(f"pneumo model ensemble-check: error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    print(format_check(check))
+    if args.out is not None:
+        args.out.write_text(json.dumps(check.to_dict(), indent=2) + "\n")
+    return ExitCode.OK
 
 
 def run_guard(args: argparse.Namespace) -> int:

@@ -63,8 +63,8 @@ def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         "--pool",
         choices=[pool.value for pool in WorkerPool],
         default=None,
-        help="threads: one process, one model, studies batched (default: PNEUMO_WORKER_POOL, "
-        "threads); prefork: a process per study",
+        help="prefork: a process per study; threads: one process, one model, studies "
+        "batched (default: PNEUMO_WORKER_POOL, prefork)",
     )
     parser.add_argument(
         "--concurrency",

@@ -128,10 +128,18 @@ def dataset_bytes(path: Path) -> bytes:
 class StoreSCP:
     """A DCMTK storescp standing in for the PACS."""
 
-    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS") -> None:
+    def __init__(
+        self,
+        folder: Path,
+        port: int | None = None,
+        ae_title: str = "PACS",
+        accept: str = "+xa",
+    ) -> None:
+        """``accept``: storescp's transfer syntax option (``+xa`` any, ``+xi`` implicit VR only)."""
         self.folder = folder
         self.port = port or free_port()
         self.ae_title = ae_title
+        self.accept = accept
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> StoreSCP:
@@ -139,7 +147,7 @@ class StoreSCP:
         self.proc = subprocess.Popen(
             [
                 "/usr/bin/storescp",
-                "+xa",
+                self.accept,
                 "-aet",
                 self.ae_title,
                 "-od",

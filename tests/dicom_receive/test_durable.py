@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import threading
 import time
@@ -14,7 +15,12 @@ import pytest
 from dicom_io import durable
 from dicom_io.durable import write_atomic, write_part10
 from dicom_io.spool import Spool
-from tests.dicom_receive.dicom_receive_helpers import dataset_bytes, encode_wire, make_instance
+from tests.dicom_receive.dicom_receive_helpers import (
+    dataset_bytes,
+    encode_wire,
+    eventually,
+    make_instance,
+)
 
 
 def _mode(path: Path) -> int:
@@ -187,3 +193,114 @@ def test_a_failed_shared_flush_fails_only_its_caller(tmp_path, monkeypatch):  # 
     # write_atomic removes nothing after the rename: the file is there, but its caller was told
     # the flush failed (the spool then answers the C-STORE with a failure).
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{i}.dcm" for i in range(4))
+
+
+# --- the one-flush commit: FilePool, write_pooled, rename_pooled -----------------
+
+
+def _spy(monkeypatch, owner, name: str) -> list[object]:  # type: ignore[no-untyped-def]
+    """Record the first argument of each call to ``owner.name``, then call the real one."""
+    calls: list[object] = []
+    real = getattr(owner, name)
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(args[0] if args else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
+def test_file_pool_hands_out_empty_private_files_and_refills_in_the_background(tmp_path):
+    pool = durable.FilePool(tmp_path / "pool", batch=8, low_water=3)
+    assert len(pool) == 0 and not (tmp_path / "pool").exists()  # nothing until needed
+    taken = [pool.take() for _ in range(6)]  # the first take fills a batch itself
+    assert len(set(taken)) == 6
+    for path in taken:
+        assert path.parent == tmp_path / "pool" and path.name.endswith(durable.POOL_SUFFIX)
+        assert path.stat().st_size == 0 and _mode(path) == 0o600
+    assert _mode(tmp_path / "pool") == 0o700
+    # 2 left, below the low-water mark of 3: a background thread adds a batch.
+    assert eventually(lambda: len(pool) == 2 + 8)
+    assert len(list((tmp_path / "pool").iterdir())) == 6 + 10
+
+
+def test_file_pool_batches_share_one_folder_flush(tmp_path, monkeypatch):
+    flushed = _spy(monkeypatch, durable, "fsync_dir")
+    pool = durable.FilePool(tmp_path / "pool", batch=16, low_water=0)
+    assert pool.fill() == 16
+    assert flushed == [tmp_path / "pool", tmp_path]  # the batch, then the new folder's entry
+    flushed.clear()
+    assert pool.fill() == 16
+    assert flushed == [tmp_path / "pool"]
+
+
+def test_concurrent_takes_never_share_a_file(tmp_path):
+    pool = durable.FilePool(tmp_path / "pool", batch=16, low_water=4)
+    taken: list[list[Path]] = [[] for _ in range(8)]
+
+    def take(i: int) -> None:
+        for _ in range(25):
+            taken[i].append(pool.take())
+
+    assert _concurrently(8, take) == [None] * 8
+    everything = [p for paths in taken for p in paths]
+    assert len(everything) == len(set(everything)) == 200
+    assert all(p.exists() for p in everything)
+
+
+def test_a_pooled_write_takes_one_data_flush_and_its_rename_none(tmp_path, monkeypatch):
+    pool = durable.FilePool(tmp_path / "pool")
+    pool.fill()
+    (tmp_path / "series").mkdir()
+    datasyncs = _spy(monkeypatch, durable.os, "fdatasync")
+    fsyncs = _spy(monkeypatch, durable.os, "fsync")
+    path, size = durable.write_pooled(pool, [b"head", memoryview(b"-data")])
+    durable.rename_pooled(path, tmp_path / "series" / "x.dcm")
+    assert size == 9 and (tmp_path / "series" / "x.dcm").read_bytes() == b"head-data"
+    assert len(datasyncs) == 1 and fsyncs == []
+    assert not path.exists()
+
+
+def test_rename_pooled_flushes_new_folders_before_the_rename(tmp_path, monkeypatch):
+    pool = durable.FilePool(tmp_path / "pool")
+    path, _size = durable.write_pooled(pool, [b"x"])
+    events: list[tuple[str, Path]] = []
+    real_fsync_dir, real_replace = durable.fsync_dir, durable.os.replace
+    monkeypatch.setattr(
+        durable, "fsync_dir", lambda p: (events.append(("flush", Path(p))), real_fsync_dir(p))
+    )
+    monkeypatch.setattr(
+        durable.os, "replace", lambda a, b: (events.append(("rename", Path(b))), real_replace(a, b))
+    )
+    final = tmp_path / "study" / "series" / "x.dcm"
+    durable.rename_pooled(path, final)
+    assert events == [
+        ("flush", tmp_path),  # the study folder's entry
+        ("flush", tmp_path / "study"),  # the series folder's entry
+        ("rename", final),  # only then, and nothing flushed after it
+    ]
+    assert final.read_bytes() == b"x"
+
+
+def test_a_failed_pooled_flush_removes_the_file(tmp_path, monkeypatch):
+    pool = durable.FilePool(tmp_path / "pool", batch=4, low_water=0)
+    pool.fill()
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(durable.os, "fdatasync", failing)
+    with pytest.raises(OSError):
+        durable.write_pooled(pool, [b"payload"])
+    # The file of unknown content is gone, not back in the pool; the others are untouched.
+    assert len(pool) == 3 and len(list((tmp_path / "pool").iterdir())) == 3
+    assert all(p.stat().st_size == 0 for p in (tmp_path / "pool").iterdir())
+
+
+def test_names_that_vanished_are_dropped_and_a_fresh_batch_is_used(tmp_path):
+    pool = durable.FilePool(tmp_path / "pool", batch=4, low_water=0)
+    pool.fill()
+    shutil.rmtree(tmp_path / "pool")  # e.g. an operator emptied the folder
+    path, _size = durable.write_pooled(pool, [b"payload"])
+    assert path.read_bytes() == b"payload" and path.parent == tmp_path / "pool"

@@ -371,15 +371,19 @@ def test_invalid_uid_refused_without_phi_in_logs(make_listener, caplog):
 
 def test_write_failure_returns_out_of_resources(make_listener, tmp_path):
     listener, ready = make_listener()
-    # Make the temp-file directory unusable: every write fails like a broken disk.
-    shutil.rmtree(listener.spool.incoming)
-    listener.spool.incoming.write_text("not a directory")
+    # Make the folders it writes new files in unusable (temporary files and the pool of
+    # pre-created files): every write fails like a broken disk.
+    broken = (listener.spool.incoming, listener.spool.pool_dir)
+    for folder in broken:
+        shutil.rmtree(folder, ignore_errors=True)  # the pool folder is made on first use
+        folder.write_text("not a directory")
     statuses = scu_store(listener.port, [make_instance(pydicom.uid.generate_uid())])
     assert statuses == [0xA700]
     assert list(listener.spool.root.glob("1*/*/*.dcm")) == []
     # Repaired disk: the sender's retry succeeds.
-    listener.spool.incoming.unlink()
-    listener.spool.incoming.mkdir()
+    for folder in broken:
+        folder.unlink()
+        folder.mkdir()
     statuses = scu_store(listener.port, [make_instance(pydicom.uid.generate_uid())])
     assert statuses == [0]
 

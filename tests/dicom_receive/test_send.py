@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pynetdicom.dsutils import split_dataset
 
 from dicom_io.config import Destination
 from dicom_io.send import send_files
@@ -68,6 +69,46 @@ def test_send_files_and_folders_including_sr(storescp, dicom_data, tmp_path):
     assert dump.stdout.startswith("Comprehensive SR Document")
     assert '<contains NUM:(,,"Diameter")="3"' in dump.stdout  # a measurement survived
     assert dump.stdout == original.stdout  # and the whole document is unchanged
+
+
+def _data_set_bytes(path: Path) -> bytes:
+    """The bytes after the File Meta Information of a Part 10 file."""
+    _meta, offset = split_dataset(path)
+    return path.read_bytes()[offset:]
+
+
+def test_files_go_as_stored_or_converted_to_what_the_peer_accepts(dicom_data, tmp_path):
+    """A peer accepting the file's transfer syntax gets the data set bytes exactly as
+    stored; a peer accepting only Implicit VR Little Endian gets a converted copy."""
+    study = pydicom.uid.generate_uid()
+    made = [write_instance(make_instance(study, seed=i), tmp_path / "out") for i in range(2)]
+    assert all(
+        pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        == pydicom.uid.ExplicitVRLittleEndian
+        for p in made
+    )
+    for accept, syntax in (
+        ("+xe", pydicom.uid.ExplicitVRLittleEndian),
+        ("+xi", pydicom.uid.ImplicitVRLittleEndian),
+    ):
+        scp = StoreSCP(tmp_path / f"pacs{accept}", accept=accept).start()
+        try:
+            result = send_files(made, Destination("PACS", "127.0.0.1", scp.port), retries=0)
+            assert result.ok, result.failed
+            received = {
+                str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+                for p in scp.received()
+            }
+        finally:
+            scp.stop()
+        for original in made:
+            ours = pydicom.dcmread(original)
+            theirs_path = received[str(ours.SOPInstanceUID)]
+            theirs = pydicom.dcmread(theirs_path)
+            assert theirs.file_meta.TransferSyntaxUID == syntax
+            assert theirs.PixelData == ours.PixelData
+            if syntax == ours.file_meta.TransferSyntaxUID:
+                assert _data_set_bytes(theirs_path) == _data_set_bytes(original)
 
 
 def test_retry_with_backoff_until_destination_comes_up(tmp_path):

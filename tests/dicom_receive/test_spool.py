@@ -1,17 +1,41 @@
-"""The spool on its own: paths only from valid UIDs, exact bytes, duplicate handling."""
+"""The spool on its own: paths only from valid UIDs, exact bytes, duplicate handling,
+the one-flush commit through the pool and its start-up recovery."""
 
 from __future__ import annotations
 
 import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_io.spool import RefusalKind, Spool, SpoolRefusal, StoreOutcome
-from tests.dicom_receive.dicom_receive_helpers import dataset_bytes, encode_wire, make_instance
+from dicom_io import spool as spool_module
+from dicom_io.spool import (
+    COMMIT_CHECK_CREATOR_UID,
+    POOL_DIR,
+    RefusalKind,
+    Spool,
+    SpoolRefusal,
+    StoreOutcome,
+)
+from tests.conftest import need_dcmtk
+from tests.dicom_receive.dicom_receive_helpers import (
+    dataset_bytes,
+    encode_wire,
+    eventually,
+    free_port,
+    make_instance,
+    write_instance,
+)
+from tests.paths import REPO
 
 
 def _store(spool: Spool, ds: pydicom.Dataset, **kw):
@@ -121,3 +145,292 @@ def test_a_second_spool_on_a_live_root_leaves_writes_in_progress(tmp_path):
     assert in_progress.exists()
     Spool(tmp_path / "spool")  # the listener restarting: a crash's leftover
     assert not in_progress.exists()
+
+
+# --- the one-flush commit: pool files, the commit check, start-up recovery -----
+
+# A real process that stores one instance and dies by SIGKILL after the pool
+# file is written and flushed, before its rename: what a crash leaves behind.
+_CRASH_BEFORE_RENAME = """
+import os, signal, sys
+from pathlib import Path
+from dicom_io import spool as spool_module
+
+def crash(path, final):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+spool_module.rename_pooled = crash
+root, wire, sop_class, sop_instance, syntax = sys.argv[1:]
+spool_module.Spool(Path(root)).store(
+    Path(wire).read_bytes(), sop_class_uid=sop_class, sop_instance_uid=sop_instance,
+    transfer_syntax_uid=syntax, calling_aet="MODALITY",
+)
+"""
+
+
+def _crash_before_rename(root: Path, ds: pydicom.Dataset, work: Path) -> Path:
+    """Store ``ds`` in a child that is killed before the rename; return the pool file left."""
+    wire = work / f"{ds.SOPInstanceUID}.wire"
+    wire.write_bytes(encode_wire(ds))
+    child = subprocess.run(
+        [sys.executable, "-c", _CRASH_BEFORE_RENAME, str(root), str(wire)]
+        + [str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian],
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        timeout=60,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode(errors="replace")
+    [written] = _written_pool_files(root)
+    return written
+
+
+def _written_pool_files(root: Path) -> list[Path]:
+    pool = root / POOL_DIR
+    return [p for p in pool.iterdir() if p.stat().st_size] if pool.is_dir() else []
+
+
+def _final_path(root: Path, ds: pydicom.Dataset) -> Path:
+    return root / str(ds.StudyInstanceUID) / str(ds.SeriesInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
+
+
+def test_a_complete_pool_file_is_invisible_until_a_restart_promotes_it(tmp_path):
+    root = tmp_path / "spool"
+    ds = make_instance(pydicom.uid.generate_uid(), rows=512, cols=512)
+    pool_file = _crash_before_rename(root, ds, tmp_path)
+    assert not _final_path(root, ds).exists()
+
+    # Readers that are not the listener neither see nor touch it.
+    reader = Spool(root, clean_incoming=False)
+    assert reader.study_uids_on_disk() == []
+    assert reader.scan_study(str(ds.StudyInstanceUID)) == []
+    assert reader.purge_study(str(ds.StudyInstanceUID)) == []
+    assert pool_file.exists()
+
+    restarted = Spool(root)  # the listener's start-up
+    final = _final_path(root, ds)
+    assert dataset_bytes(final) == encode_wire(ds)
+    meta = pydicom.filereader.read_file_meta_info(final)
+    assert meta.PrivateInformationCreatorUID == COMMIT_CHECK_CREATOR_UID
+    assert meta.SourceApplicationEntityTitle.strip() == "MODALITY"
+    assert stat.S_IMODE(final.stat().st_mode) == 0o600
+    assert list((root / POOL_DIR).iterdir()) == []  # found files are never reused
+    [found] = restarted.scan_study(str(ds.StudyInstanceUID))
+    assert found.sop_instance_uid == str(ds.SOPInstanceUID) and found.path == final
+    assert pydicom.dcmread(final).PixelData == ds.PixelData
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zeroed tail", "flipped byte", "header only"])
+def test_a_torn_pool_file_is_removed_not_promoted(tmp_path, damage):
+    root = tmp_path / "spool"
+    ds = make_instance(pydicom.uid.generate_uid(), rows=256, cols=256)
+    pool_file = _crash_before_rename(root, ds, tmp_path)
+    raw = bytearray(pool_file.read_bytes())
+    if damage == "truncated":  # the size reached the disk, the last blocks did not
+        raw = raw[:-1000]
+    elif damage == "zeroed tail":  # the size reached the disk, the data did not
+        raw[-4096:] = bytes(4096)
+    elif damage == "flipped byte":
+        raw[len(raw) // 2] ^= 0x01
+    else:
+        raw = raw[:400]
+    pool_file.write_bytes(bytes(raw))
+    Spool(root)
+    assert not _final_path(root, ds).exists()
+    assert Spool(root).study_uids_on_disk() == []
+    assert list((root / POOL_DIR).iterdir()) == []
+
+
+def test_a_pool_file_identical_to_its_final_file_is_dropped(tmp_path):
+    root = tmp_path / "spool"
+    ds = make_instance(pydicom.uid.generate_uid())
+    pool_file = _crash_before_rename(root, ds, tmp_path)
+    saved = pool_file.read_bytes()
+    Spool(root)  # promoted
+    final = _final_path(root, ds)
+    before = final.stat()
+    # As if the rename had reached the disk but the pool name's removal had not.
+    (root / POOL_DIR / "again.pool").write_bytes(saved)
+    Spool(root)
+    assert list((root / POOL_DIR).iterdir()) == []
+    after = final.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_a_complete_pool_file_replaces_the_older_version_at_its_name(tmp_path):
+    root = tmp_path / "spool"
+    study = pydicom.uid.generate_uid()
+    old = make_instance(study, seed=1)
+    new = make_instance(study, old.SeriesInstanceUID, old.SOPInstanceUID, seed=2)
+    assert _store(Spool(root), old).outcome is StoreOutcome.NEW
+    _crash_before_rename(root, new, tmp_path)  # the newer version, maybe acknowledged
+    assert dataset_bytes(_final_path(root, old)) == encode_wire(old)
+    Spool(root)
+    assert dataset_bytes(_final_path(root, old)) == encode_wire(new)
+
+
+def test_a_duplicate_writes_no_pool_file(tmp_path):
+    """The duplicate check runs before the write: an identical copy never takes a pool file."""
+    spool = Spool(tmp_path / "spool")
+    ds = make_instance(pydicom.uid.generate_uid())
+    assert _store(spool, ds).outcome is StoreOutcome.NEW
+    assert spool.pool is not None
+    ready = len(spool.pool)
+    names = sorted(p.name for p in spool.pool_dir.iterdir())
+    assert _store(spool, ds).outcome is StoreOutcome.DUPLICATE
+    assert len(spool.pool) == ready
+    assert sorted(p.name for p in spool.pool_dir.iterdir()) == names
+    assert _written_pool_files(spool.root) == []
+
+
+def test_concurrent_stores_each_write_their_own_pool_file(tmp_path, monkeypatch):
+    spool = Spool(tmp_path / "spool")
+    used: list[Path] = []
+    lock = threading.Lock()
+    real = spool_module.write_pooled
+
+    def recording(pool, parts):  # type: ignore[no-untyped-def]
+        path, size = real(pool, parts)
+        with lock:
+            used.append(path)
+        return path, size
+
+    monkeypatch.setattr(spool_module, "write_pooled", recording)
+    study = pydicom.uid.generate_uid()
+    series = pydicom.uid.generate_uid()
+    datasets = [
+        [make_instance(study, series, seed=10 * i + j) for j in range(12)] for i in range(8)
+    ]
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def sender(i: int) -> None:
+        barrier.wait()
+        try:
+            for ds in datasets[i]:
+                assert _store(spool, ds).outcome is StoreOutcome.NEW
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sender, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert len(used) == len(set(used)) == 96  # 96 stores, 96 different pool files
+    for ds in (d for group in datasets for d in group):
+        assert dataset_bytes(_final_path(spool.root, ds)) == encode_wire(ds)
+    assert _written_pool_files(spool.root) == []
+    assert spool.pool is not None
+    assert eventually(lambda: len(spool.pool or []) >= spool.pool.low_water)  # refilled
+
+
+def test_one_data_flush_and_no_directory_flush_per_instance_in_an_existing_series(
+    tmp_path, monkeypatch
+):
+    spool = Spool(tmp_path / "spool")
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    _store(spool, make_instance(study, series))  # creates the folders and fills the pool
+    datasyncs: list[int] = []
+    fsyncs: list[int] = []
+    real_datasync, real_fsync = os.fdatasync, os.fsync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (datasyncs.append(fd), real_datasync(fd))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
+    for seed in range(5):
+        _store(spool, make_instance(study, series, seed=seed))
+    assert (len(datasyncs), len(fsyncs)) == (5, 0)
+
+
+def test_replacing_an_instance_flushes_the_pool_folder_before_the_rename(tmp_path, monkeypatch):
+    spool = Spool(tmp_path / "spool")
+    old = make_instance(pydicom.uid.generate_uid(), seed=1)
+    new = make_instance(old.StudyInstanceUID, old.SeriesInstanceUID, old.SOPInstanceUID, seed=2)
+    _store(spool, old)
+    events: list[tuple[str, Path]] = []
+    real_flush, real_rename = spool_module.fsync_dir, spool_module.rename_pooled
+    monkeypatch.setattr(
+        spool_module, "fsync_dir", lambda p: (events.append(("flush", p)), real_flush(p))[1]
+    )
+    monkeypatch.setattr(
+        spool_module,
+        "rename_pooled",
+        lambda a, b: (events.append(("rename", b)), real_rename(a, b))[1],
+    )
+    assert _store(spool, new).outcome is StoreOutcome.REPLACED
+    assert events == [("flush", spool.pool_dir), ("rename", _final_path(spool.root, old))]
+
+
+def test_a_process_other_than_the_listener_writes_through_incoming_with_two_flushes(tmp_path):
+    Spool(tmp_path / "spool")  # the listener's folders
+    other = Spool(tmp_path / "spool", clean_incoming=False)  # e.g. a worker retrieving
+    ds = make_instance(pydicom.uid.generate_uid())
+    path = _store(other, ds).instance.path
+    assert other.pool is None and not (tmp_path / "spool" / POOL_DIR).exists()
+    assert "PrivateInformationCreatorUID" not in pydicom.filereader.read_file_meta_info(path)
+    assert dataset_bytes(path) == encode_wire(ds)
+    assert not any(other.incoming.iterdir())
+
+
+def _listener_process(spool: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    args = ["listen", "--spool", str(spool), "--port", str(port), "--reserve-mb", "0"]
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dicom_io", *args],
+            env=dict(os.environ, TCP_NODELAY="1", PYTHONPATH=str(REPO)),
+            stdout=out,
+            stderr=out,
+        )
+    assert eventually(lambda: b'"listening"' in log.read_bytes(), 30), log.read_text()
+    return process
+
+
+@pytest.mark.dcmtk
+def test_sigkill_during_a_storescu_burst_loses_no_acknowledged_instance(tmp_path):
+    need_dcmtk("storescu")
+    spool, port = tmp_path / "spool", free_port()
+    study = pydicom.uid.generate_uid()
+    series = pydicom.uid.generate_uid()
+    sources = [
+        write_instance(make_instance(study, series, rows=512, cols=512, seed=i), tmp_path / "send")
+        for i in range(60)
+    ]
+    listener = _listener_process(spool, port, tmp_path / "listener.log")
+    sender = subprocess.Popen(
+        ["/usr/bin/storescu", "-v", "-aec", "PNEUMO", "127.0.0.1", str(port), *map(str, sources)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, TCP_NODELAY="1"),
+    )
+    try:
+        assert eventually(lambda: len(list(spool.glob("*/*/*.dcm"))) >= 15, 60)
+        listener.send_signal(signal.SIGKILL)
+        listener.wait(10)
+        output, _ = sender.communicate(timeout=60)
+    finally:
+        for process in (listener, sender):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    acknowledged: list[str] = []
+    sending = None
+    for line in output.splitlines():
+        if line.startswith("I: Sending file: "):
+            sending = line[len("I: Sending file: ") :]
+        elif "Received Store Response (Success)" in line and sending is not None:
+            acknowledged.append(sending)
+    assert 10 <= len(acknowledged) < len(sources), output[-2000:]  # killed mid-burst
+
+    restarted = _listener_process(spool, port, tmp_path / "listener-2.log")
+    try:
+        on_disk = {
+            i.sop_instance_uid: i.path for i in Spool(spool, clean_incoming=False).scan_study(study)
+        }
+        for source in acknowledged:
+            sent = pydicom.dcmread(source)
+            kept = on_disk[str(sent.SOPInstanceUID)]
+            assert pydicom.dcmread(kept).PixelData == sent.PixelData
+        assert _written_pool_files(spool) == []  # nothing torn or unpromoted left
+    finally:
+        restarted.terminate()
+        restarted.wait(20)

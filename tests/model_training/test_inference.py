@@ -127,3 +127,25 @@ def test_single_pass_equals_predict_and_heatmaps(predictor, chest_images) -> Non
         else:
             assert np.corrcoef(hm.ravel(), ref.ravel())[0, 1] >= 0.99
     assert predictor.predict_with_heatmaps([]) == ([], [])
+
+
+def test_single_pass_maps_at_requested_sizes(predictor, chest_images) -> None:
+    """Maps asked for at a smaller size: same predictions, the map computed at that size
+    (what the worker's heatmap capture shows) agrees with the full-size map scaled down."""
+    import torch
+    import torch.nn.functional as F
+
+    images = chest_images[:2]
+    shapes = [(max(1, im.shape[0] // 3), max(1, im.shape[1] // 3)) for im in images]
+    predictions, maps = predictor.predict_with_heatmaps(images, shapes)
+    full_predictions, full_maps = predictor.predict_with_heatmaps(images)
+    for got, want in zip(predictions, full_predictions, strict=True):
+        assert got.probability == want.probability and got.ood_score == want.ood_score
+    for hm, full, shape in zip(maps, full_maps, shapes, strict=True):
+        assert hm.shape == shape and hm.dtype == np.float32
+        assert hm.min() >= 0.0 and hm.max() <= 1.0
+        scaled = F.interpolate(torch.from_numpy(full)[None, None], size=shape, mode="area")
+        if full.max() > 0:
+            assert np.corrcoef(hm.ravel(), scaled.numpy().ravel())[0, 1] >= 0.99
+    with pytest.raises(ValueError, match="heatmap shapes"):
+        predictor.predict_with_heatmaps(images, shapes[:1])

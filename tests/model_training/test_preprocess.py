@@ -38,6 +38,22 @@ def test_flat_image_is_finite_and_bad_shapes_are_rejected() -> None:
     assert torch.isfinite(to_model_tensor(nan)).all()
 
 
+def test_non_finite_pixels_map_to_black_and_white_and_the_input_is_untouched() -> None:
+    from model.preprocess import resize_to_input
+
+    image = np.full((64, 64), 0.5, np.float32)
+    image[0, :3] = [np.nan, np.inf, -np.inf]
+    image[1, :2] = [1.7, -0.2]
+    before = image.copy()
+    out = resize_to_input(image, size=64)[0]
+    assert out[0, :3].tolist() == [0.0, 1.0, 0.0]
+    assert out[1, :2].tolist() == [1.0, 0.0]
+    np.testing.assert_array_equal(image, before)  # the caller's array is not changed
+    tensor = torch.from_numpy(before.copy())
+    resize_to_input(tensor, size=64)
+    assert torch.equal(torch.isnan(tensor), torch.from_numpy(np.isnan(before)))
+
+
 def test_batch_equals_stacked_tensors() -> None:
     rng = np.random.default_rng(2)
     imgs = [rng.random((100 + 10 * i, 120), dtype=np.float32) for i in range(3)]

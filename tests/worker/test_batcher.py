@@ -66,12 +66,12 @@ class Counting:
         return self.inner.heatmaps(images)
 
     def predict_with_heatmaps(
-        self, images: Sequence[Image]
+        self, images: Sequence[Image], heatmap_shapes: Sequence[tuple[int, int]] | None = None
     ) -> tuple[Sequence[Prediction], Sequence[npt.NDArray[np.float32]]]:
         self.calls.append(len(images))
         self.started.append(time.monotonic())
         self.threads.append(threading.current_thread())
-        return self.inner.predict_with_heatmaps(images)
+        return self.inner.predict_with_heatmaps(images, heatmap_shapes)
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,37 @@ def test_concurrent_callers_share_one_pass_and_get_their_own_results(
     assert elapsed < 20
     assert any(0.05 < p.probability < 0.95 for (ps, _) in alone for p in ps)
     for mine, want in zip(got, alone, strict=True):
+        _assert_same(mine, want)
+
+
+def test_callers_asking_for_map_sizes_get_their_own_sizes_in_a_shared_pass(
+    model: Any, radiographs: list[np.ndarray]
+) -> None:
+    images = radiographs[1:3]
+    asked = [[(40, 30)], None]  # one caller wants a small map, the other its image's size
+    alone = [
+        model.predict_with_heatmaps([image], shapes)
+        for image, shapes in zip(images, asked, strict=True)
+    ]
+    counting = Counting(model)
+    out: list[Any] = [None, None]
+    with BatchingPredictor(counting, max_images=2, max_wait_ms=30_000) as batcher:
+        barrier = threading.Barrier(2)
+
+        def call(k: int) -> None:
+            barrier.wait()
+            out[k] = batcher.predict_with_heatmaps([images[k]], asked[k])
+
+        threads = [threading.Thread(target=call, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        with pytest.raises(ValueError, match="heatmap shapes"):
+            batcher.predict_with_heatmaps(images, [(4, 4)])
+    assert counting.calls == [2]
+    assert out[0][1][0].shape == (40, 30) and out[1][1][0].shape == images[1].shape
+    for mine, want in zip(out, alone, strict=True):
         _assert_same(mine, want)
 
 

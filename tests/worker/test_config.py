@@ -119,3 +119,9 @@ def test_celery_app_module_builds_the_app_from_settings_on_first_access(
     assert worker_config_of(app).broker_url == "redis://127.0.0.1:6379/3"
     assert worker_config_of(app).data_dir == tmp_path
     assert module.app is app
+    # `celery -A pneumo.celery_app worker` without -P/-c runs the configured pool
+    assert (app.conf.worker_pool, app.conf.worker_concurrency) == ("prefork", 1)
+    monkeypatch.setenv("PNEUMO_WORKER_POOL", "threads")
+    monkeypatch.setenv("PNEUMO_WORKER_THREADS", "3")
+    threads = importlib.reload(pneumo.celery_app).app
+    assert (threads.conf.worker_pool, threads.conf.worker_concurrency) == ("threads", 3)

@@ -24,3 +24,21 @@ def test_small_image_or_zero_limit_untouched() -> None:
     assert fit_within(image, image, 1024)[0] is image
     big = np.zeros((4000, 10), dtype=np.float32)
     assert fit_within(big, big, 0)[0] is big
+
+
+def test_heatmap_already_at_the_capture_size_is_kept_as_computed() -> None:
+    """The single-pass model hands over maps at the capture size: only the image shrinks."""
+    import pytest
+
+    from dicom_io.sc import capture_shape
+
+    image = np.full((2000, 1500), 0.25, dtype=np.float32)
+    assert capture_shape(image.shape, 1024) == (1024, 768)
+    heat = np.random.default_rng(1).random((1024, 768), dtype=np.float32)
+    small_image, same_heat = fit_within(image, heat, 1024)
+    assert small_image.shape == (1024, 768)
+    assert same_heat is heat
+    assert capture_shape((7, 3000), 1024) == (2, 1024)  # never an empty side
+    assert capture_shape((10, 10), 1024) == (10, 10)  # never scaled up
+    with pytest.raises(ValueError):
+        capture_shape((10, 10), -1)

@@ -100,12 +100,15 @@ class _SinglePass(FakePredictor):
     def __init__(self) -> None:
         super().__init__(verdict=_guard)
         self.joint_calls: list[int] = []
+        self.shapes_asked: list[list[tuple[int, int]] | None] = []
 
     def predict_with_heatmaps(
-        self, images: Sequence[Image]
+        self, images: Sequence[Image], heatmap_shapes: Sequence[tuple[int, int]] | None = None
     ) -> tuple[list[FakePrediction], list[np.ndarray]]:
         self.joint_calls.append(len(images))
-        maps = [np.full(np.asarray(im).shape, 0.25, np.float32) for im in images]
+        self.shapes_asked.append(None if heatmap_shapes is None else list(heatmap_shapes))
+        shapes = heatmap_shapes or [np.asarray(im).shape for im in images]
+        maps = [np.full(shape, 0.25, np.float32) for shape in shapes]
         return [_guard(image) for image in images], maps
 
 
@@ -133,11 +136,25 @@ def test_a_single_pass_predictor_is_called_once_per_batch() -> None:
     assert idle.joint_calls == []
 
 
+def test_maps_are_asked_for_at_the_capture_size() -> None:
+    """With a heatmap size limit, the single pass makes each map at the capture's size."""
+    fake = _SinglePass()
+    (study,) = predict(fake, [_read_study(1, [0.2, 0.7])], heatmap_max_side=4)
+    assert fake.shapes_asked == [[(4, 3), (4, 3)]]  # 8 x 6 images, longest side 4
+    assert all(i.heatmap is not None and i.heatmap.shape == (4, 3) for i in study.images)
+    assert all(np.asarray(i.image).shape == (8, 6) for i in study.images)  # pixels untouched
+    roomy = _SinglePass()
+    predict(roomy, [_read_study(1, [0.2])], heatmap_max_side=64)
+    assert roomy.shapes_asked == [[(8, 6)]]  # never scaled up
+    with pytest.raises(ValueError, match="heatmap_max_side"):
+        predict(_SinglePass(), [_read_study(1, [0.2])], heatmap_max_side=-1)
+
+
 class _DroppingSinglePass(_SinglePass):
     def predict_with_heatmaps(
-        self, images: Sequence[Image]
+        self, images: Sequence[Image], heatmap_shapes: Sequence[tuple[int, int]] | None = None
     ) -> tuple[list[FakePrediction], list[np.ndarray]]:
-        predictions, maps = super().predict_with_heatmaps(images)
+        predictions, maps = super().predict_with_heatmaps(images, heatmap_shapes)
         return predictions, maps[:-1]
 
 

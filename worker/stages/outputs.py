@@ -23,7 +23,7 @@ from pydicom.errors import InvalidDicomError
 from db import repository as repo
 from db.engine import session_scope
 from dicom_io.part10 import read_header
-from dicom_io.sc import build_heatmap_sc
+from dicom_io.sc import build_heatmap_sc, capture_shape
 from dicom_io.sr import (
     AlgorithmInfo,
     ImageFinding,
@@ -121,25 +121,26 @@ def algorithm_info(info: ModelDescription) -> AlgorithmInfo:
 def fit_within(
     image: Image, heatmap: npt.NDArray[np.float32], max_side: int
 ) -> tuple[Image, npt.NDArray[np.float32]]:
-    """Image and heatmap scaled down (area average) so the longest side is ``max_side``.
+    """Image and heatmap at the capture size (:func:`dicom_io.sc.capture_shape`).
 
-    The heatmap SC is a display aid, not a diagnostic image: a 2048² RGB
-    capture is 12 MB to build, store and send, a 1024² one a quarter of that.
+    Each is scaled down (area average) unless it already has that shape: the
+    single-pass model computes the heatmap at the capture size directly
+    (:func:`worker.stages.predict.predict` asks it to), so then only the
+    image is scaled.
     """
-    height, width = image.shape
-    if max_side <= 0 or max(height, width) <= max_side:
-        return image, heatmap
-    from PIL import Image as PILImage
+    target = capture_shape(image.shape, max_side)
 
-    scale = max_side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    def fitted(a: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        if a.shape == target:
+            return a
+        from PIL import Image as PILImage
 
-    def shrink(a: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         out = PILImage.fromarray(np.ascontiguousarray(a, dtype=np.float32), mode="F")
+        size = (target[1], target[0])  # PIL: (width, height)
         resized = np.asarray(out.resize(size, PILImage.Resampling.BOX), dtype=np.float32)
         return np.clip(resized, 0.0, 1.0)
 
-    return shrink(image), shrink(heatmap)
+    return fitted(image), fitted(heatmap)
 
 
 def is_evidence(ds: Dataset, study_uid: str) -> bool:

@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
+from dicom_io.sc import capture_shape
 from worker.predictor import Image, Prediction, Predictor, SinglePassPredictor, single_pass
 from worker.stages.load import LoadedStudy
 from worker.stages.read import ReadInstance, ReadStudy
@@ -108,10 +109,18 @@ def _check_count(got: Sequence[object], chunk: Sequence[Image], what: str) -> No
 
 
 def _joint(
-    predictor: SinglePassPredictor, images: Sequence[Image]
+    predictor: SinglePassPredictor, images: Sequence[Image], heatmap_max_side: int
 ) -> list[tuple[Prediction, npt.NDArray[np.float32]]]:
-    """One single-pass call: (prediction, heatmap) per image of ``images``."""
-    predictions, maps = predictor.predict_with_heatmaps(images)
+    """One single-pass call: (prediction, heatmap) per image of ``images``.
+
+    With ``heatmap_max_side`` the maps come at the heatmap capture's size
+    (:func:`dicom_io.sc.capture_shape`), so no full-resolution map is made.
+    """
+    if heatmap_max_side > 0:
+        shapes = [capture_shape(np.shape(image), heatmap_max_side) for image in images]
+        predictions, maps = predictor.predict_with_heatmaps(images, shapes)
+    else:
+        predictions, maps = predictor.predict_with_heatmaps(images)
     _check_count(predictions, images, "predictions")
     _check_count(maps, images, "heatmaps")
     return list(zip(predictions, maps, strict=True))
@@ -122,12 +131,15 @@ def _run_model(
     images: Sequence[Image],
     batch_size: int | None,
     timer: StageTimer | None,
+    heatmap_max_side: int,
 ) -> tuple[list[Prediction], dict[int, npt.NDArray[np.float32]]]:
     """(prediction of every image, heatmap of each chest one by index): one pass if it can."""
     single = single_pass(predictor)
     if single is not None:
         with timed(timer, "inference"):
-            pairs = _in_batches(lambda chunk: _joint(single, chunk), images, batch_size, "results")
+            pairs = _in_batches(
+                lambda chunk: _joint(single, chunk, heatmap_max_side), images, batch_size, "results"
+            )
         with timed(timer, "heatmaps"):
             predictions = [p for p, _ in pairs]
             kept = {j: m for j, (p, m) in enumerate(pairs) if p.is_chest}
@@ -146,6 +158,7 @@ def predict(
     *,
     batch_size: int | None = None,
     timer: StageTimer | None = None,
+    heatmap_max_side: int = 0,
 ) -> tuple[PredictedStudy, ...]:
     """Run ``predictor`` over the usable images of ``studies`` together; one result per study.
 
@@ -156,17 +169,23 @@ def predict(
     ``heatmaps`` (see the module docstring). Timed as ``inference`` and
     ``heatmaps``. The predictor is not called at all when there is nothing to
     predict (nor ``heatmaps`` when there is no chest image to explain).
+    ``heatmap_max_side`` > 0 asks a single-pass predictor for each map at the
+    heatmap capture's size (``PNEUMO_HEATMAP_MAX_SIDE``); other predictors'
+    maps keep their image's size and are scaled when the capture is built.
 
     Raises:
-        ValueError: ``batch_size`` is below 1, or the predictor returned a
-            different number of predictions or heatmaps than images it was given.
+        ValueError: ``batch_size`` is below 1, ``heatmap_max_side`` is negative, or the
+            predictor returned a different number of predictions or heatmaps than
+            images it was given.
         Exception: whatever the predictor raises (the task retries the study).
     """
     if batch_size is not None and batch_size < 1:
         raise ValueError("batch_size must be at least 1")
+    if heatmap_max_side < 0:
+        raise ValueError("heatmap_max_side must not be negative")
     usable = _usable(studies)
     images = [image for *_, image in usable]
-    predictions, heatmap_of = _run_model(predictor, images, batch_size, timer)
+    predictions, heatmap_of = _run_model(predictor, images, batch_size, timer, heatmap_max_side)
     per_study: list[list[PredictedImage]] = [[] for _ in studies]
     for j, ((k, item, ds, image), p) in enumerate(zip(usable, predictions, strict=True)):
         per_study[k].append(PredictedImage(item, ds, image, p, heatmap_of.get(j)))
