@@ -50,6 +50,14 @@ class UnknownVersion(ValueError):
         listing = ", ".join(self.known) or "none"
         super().__init__(f"unknown model version {label!r} (known: {listing})")
 
+    @classmethod
+    def listing_known(cls, session: Session, label: str) -> UnknownVersion:
+        """The error for ``label``, listing every model version's label in the database."""
+        every = session.execute(
+            select(ModelVersion.name, ModelVersion.version).order_by(ModelVersion.id)
+        ).all()
+        return cls(label, list(dict.fromkeys(model_label(n, v) for n, v in every)))
+
 
 @dataclass(frozen=True)
 class ChangedStudy:
@@ -153,10 +161,7 @@ def _resolve(session: Session, label: str) -> tuple[str, list[int]]:
         .order_by(ModelVersion.id)
     ).all()
     if not rows:
-        every = session.execute(
-            select(ModelVersion.name, ModelVersion.version).order_by(ModelVersion.id)
-        ).all()
-        raise UnknownVersion(label, list(dict.fromkeys(model_label(n, v) for n, v in every)))
+        raise UnknownVersion.listing_known(session, label)
     names = dict.fromkeys(model_label(name, version) for _, name, version in rows)
     return ",".join(names), [row[0] for row in rows]
 

@@ -136,10 +136,7 @@ def registered_versions(session: Session, label: str) -> list[RegisteredVersion]
         .order_by(ModelVersion.id.desc())
     ).all()
     if not rows:
-        every = session.execute(
-            select(ModelVersion.name, ModelVersion.version).order_by(ModelVersion.id)
-        ).all()
-        raise UnknownVersion(label, list(dict.fromkeys(model_label(n, v) for n, v in every)))
+        raise UnknownVersion.listing_known(session, label)
     return [RegisteredVersion(*row) for row in rows]
 
 
