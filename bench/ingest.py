@@ -7,7 +7,9 @@ about 8 MB, and 512x512 16-bit), then sends them with DCMTK ``storescu`` over
 one association and over 4 parallel associations (4 storescu processes) to
 
 * ``python -m dicom_io listen`` (our listener: per instance, a pre-created pool
-  file written, ``fdatasync``-ed and renamed into place; study assembly), and
+  file written, ``fdatasync``-ed and renamed into place; study assembly), as
+  one process (``pneumo``) and with two receiving processes in front of the
+  assembling one (``pneumo-2p``: ``--processes 2``, ``PNEUMO_LISTENER_PROCESSES=2``), and
 * a private Orthanc (``/usr/sbin/Orthanc``: its own ports and storage and
   index folders in the temporary directory, ``SyncStorageArea`` true, its
   default, so like us it flushes every file before answering Success: one
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -99,6 +102,8 @@ class Run:
     seconds: float
     peak_rss_mb: float | None
     spread: tuple[float, float] | None = None  # fastest and slowest of repeated runs
+    receiver_cpu_ms: float = 0.0  # CPU of the receiver's process tree per instance
+    sender_cpu_ms: float = 0.0  # CPU of the storescu senders per instance
 
     @property
     def mb_s(self) -> float:
@@ -119,7 +124,8 @@ class RssSampler(threading.Thread):
     def run(self) -> None:
         while not self.stop_flag.is_set():
             try:
-                self.peak = max(self.peak, self.proc.memory_info().rss)
+                tree = [self.proc, *self.proc.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in tree))
             except psutil.Error:
                 return
             time.sleep(0.02)
@@ -217,7 +223,7 @@ def start_receiver(kind: str, out: Path, port: int) -> subprocess.Popen:
             stderr=subprocess.DEVNULL,
         )
         wait_echo(port, "PNEUMO")
-    elif kind == "pneumo":
+    elif kind.startswith("pneumo"):
         cmd = [
             sys.executable,
             "-m",
@@ -237,6 +243,8 @@ def start_receiver(kind: str, out: Path, port: int) -> subprocess.Popen:
             "2",
             "--max-associations",
             "8",
+            "--processes",
+            kind.removeprefix("pneumo-").removesuffix("p") if kind != "pneumo" else "1",
         ]
         proc = subprocess.Popen(
             cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
@@ -302,6 +310,17 @@ def durable_commit_ms(folder: Path, size: int, repeat: int = 40) -> float:
     return statistics.median(times) * 1e3
 
 
+def tree_cpu(tree: list[psutil.Process]) -> float:
+    """User + system seconds of these processes (one that has exited counts 0)."""
+    total = 0.0
+    for p in tree:
+        try:
+            total += sum(p.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
 def run_one(
     kind: str, dataset: str, files: list[Path], folders: list[Path], associations: int, work: Path
 ) -> Run:
@@ -309,12 +328,15 @@ def run_one(
     out = work / f"recv-{kind}"
     shutil.rmtree(out, ignore_errors=True)
     proc = start_receiver(kind, out, port)
-    sampler = RssSampler(proc.pid) if kind in ("pneumo", "noop", "orthanc") else None
+    sampler = RssSampler(proc.pid) if kind != "storescp" else None
     if sampler:
         sampler.start()
     groups = [folders] if associations == 1 else [[f] for f in folders]
     assert len(groups) == associations
     subprocess.run(["sync"])
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    cpu0 = tree_cpu(tree)
+    senders0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     senders = [
         subprocess.Popen(
@@ -339,6 +361,9 @@ def run_one(
     ]
     errors = [s.communicate()[1] for s in senders]
     seconds = time.perf_counter() - t0
+    receiver_cpu = tree_cpu(tree) - cpu0
+    senders1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the senders, now waited for
+    sender_cpu = (senders1.ru_utime + senders1.ru_stime) - (senders0.ru_utime + senders0.ru_stime)
     failed = [e for s, e in zip(senders, errors, strict=True) if s.returncode != 0]
     if sampler:
         sampler.stop_flag.set()
@@ -360,6 +385,8 @@ def run_one(
         mbytes,
         seconds,
         sampler.peak / 2**20 if sampler else None,
+        receiver_cpu_ms=receiver_cpu * 1e3 / len(files),
+        sender_cpu_ms=sender_cpu * 1e3 / len(files),
     )
 
 
@@ -377,6 +404,8 @@ def median_run(trials: list[Run]) -> Run:
         mid.seconds,
         max(peaks) if peaks else None,
         spread=(ordered[0].seconds, ordered[-1].seconds),
+        receiver_cpu_ms=mid.receiver_cpu_ms,
+        sender_cpu_ms=mid.sender_cpu_ms,
     )
 
 
@@ -402,7 +431,17 @@ def main(argv: list[str] | None = None) -> int:
         default="1,4",
         help="comma-separated association counts to run (default 1,4)",
     )
+    parser.add_argument(
+        "--processes",
+        default="2",
+        help="comma-separated receiving-process counts > 1 to run besides one process "
+        "(rows pneumo-Np; default 2)",
+    )
     args = parser.parse_args(argv)
+    processes = [int(n) for n in args.processes.split(",") if n.strip()]
+    if any(n < 2 for n in processes):
+        print("--processes: counts of 2 or more", file=sys.stderr)
+        return 2
     for tool in ("storescu", "storescp", "echoscu"):
         if not Path("/usr/bin", tool).exists():
             print(f"DCMTK {tool} missing", file=sys.stderr)
@@ -438,15 +477,19 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             for associations in assoc_counts:
-                kinds = ("storescp", "orthanc", "noop", "pneumo")
+                multi = tuple(f"pneumo-{n}p" for n in processes)
+                kinds = ("storescp", "orthanc", "noop", "pneumo", *multi)
                 if args.no_floor:
-                    kinds = ("storescp", "orthanc", "pneumo")
+                    kinds = ("storescp", "orthanc", "pneumo", *multi)
                 # Rounds interleave the receivers so a burst of load from other
                 # processes on the machine hits all of them alike; the table
-                # reports each receiver's median round.
+                # reports each receiver's median round (its rows keep this order).
                 trials: dict[str, list[Run]] = {kind: [] for kind in kinds}
                 for round_no in range(args.repeat):
-                    for kind in kinds:
+                    # each round starts with another receiver, so none always runs
+                    # right after the same one (its deletions, its disk writeback)
+                    shift = round_no % len(kinds)
+                    for kind in kinds[shift:] + kinds[:shift]:
                         run = run_one(kind, name, files, folders, associations, work)
                         print(
                             f"  {kind:8s} {name} x{associations} round {round_no + 1}: "
@@ -464,13 +507,16 @@ def main(argv: list[str] | None = None) -> int:
         "receivers: storescp = DCMTK storescp (no fsync); orthanc = Orthanc, SyncStorageArea "
         "true (one fdatasync of each file before Success, SQLite index); noop = pynetdicom with our AE setup "
         "answering Success without writing (the floor of any pynetdicom receiver); "
-        "pneumo = python -m dicom_io listen (write a pooled file, fdatasync, rename; assembly).",
+        "pneumo = python -m dicom_io listen (write a pooled file, fdatasync, rename; assembly); "
+        "pneumo-2p = the same with --processes 2 (two receiving processes, assembly in their "
+        "parent); peak RSS and receiver CPU (user + system, per instance) sum a receiver's "
+        "process tree; senders CPU is the storescu processes'.",
         "",
         f"each row: median of {args.repeat} interleaved rounds (seconds range = fastest..slowest).",
         "",
         "| dataset | assocs | receiver | instances | MB | seconds | seconds range | MB/s | inst/s | "
-        "vs storescp | vs orthanc | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "vs storescp | vs orthanc | peak RSS MB | receiver CPU ms/inst | senders CPU ms/inst |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {(r.dataset, r.associations): r for r in runs if r.receiver == "storescp"}
     orthanc = {(r.dataset, r.associations): r for r in runs if r.receiver == "orthanc"}
@@ -482,22 +528,27 @@ def main(argv: list[str] | None = None) -> int:
             f"{'' if r.spread is None else f'{r.spread[0]:.2f}..{r.spread[1]:.2f}'} | "
             f"{r.mb_s:.1f} | {r.inst_s:.1f} | {r.inst_s / b.inst_s:.2f} | "
             f"{r.inst_s / o.inst_s:.2f} | "
-            f"{'' if r.peak_rss_mb is None else f'{r.peak_rss_mb:.0f}'} |"
+            f"{'' if r.peak_rss_mb is None else f'{r.peak_rss_mb:.0f}'} | "
+            # storescp --fork receives in short-lived children the tree misses
+            f"{'' if r.receiver == 'storescp' else f'{r.receiver_cpu_ms:.2f}'} | "
+            f"{r.sender_cpu_ms:.2f} |"
         )
     lines.append("")
     lines.append(
         "durable commit alone, serial, same file system (median): "
         + ", ".join(f"{name} {ms:.2f} ms" for name, ms in commit_ms.items())
     )
-    ours = [r for r in runs if r.receiver == "pneumo"]
-    ratios = [(r, r.inst_s / orthanc[(r.dataset, r.associations)].inst_s) for r in ours]
-    lines.append("")
-    lines.append(
-        "target: pneumo >= 1.0 x Orthanc instances/s on both sizes, 1 and 4 associations: "
-        + ", ".join(f"{r.dataset} x{r.associations} {ratio:.2f}" for r, ratio in ratios)
-        + ("  (met)" if all(ratio >= 1.0 for _, ratio in ratios) else "  (missed)")
-        + f"; listener peak RSS {max((r.peak_rss_mb or 0) for r in ours):.0f} MB"
-    )
+    for receiver in ("pneumo", *(f"pneumo-{n}p" for n in processes)):
+        ours = [r for r in runs if r.receiver == receiver]
+        ratios = [(r, r.inst_s / orthanc[(r.dataset, r.associations)].inst_s) for r in ours]
+        lines.append("")
+        lines.append(
+            f"target: {receiver} >= 1.0 x Orthanc instances/s on both sizes, 1 and 4 "
+            "associations: "
+            + ", ".join(f"{r.dataset} x{r.associations} {ratio:.2f}" for r, ratio in ratios)
+            + ("  (met)" if all(ratio >= 1.0 for _, ratio in ratios) else "  (missed)")
+            + f"; peak RSS {max((r.peak_rss_mb or 0) for r in ours):.0f} MB"
+        )
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -57,6 +57,7 @@ def _listen(args: argparse.Namespace) -> int:
             spool_reserve_bytes=int(args.reserve_mb * 1024 * 1024),
             study_quiet_seconds=args.quiet,
             study_release_grace_seconds=args.grace,
+            receiving_processes=args.processes,
         )
     except ValueError as exc:  # names the offending field
         sys.stderr.write(f"python -m dicom_io listen: {exc}\n")
@@ -85,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="allowed calling AE title (repeatable); '*' = any, explicitly",
     )
-    p.add_argument("--max-associations", type=int, default=10)
+    p.add_argument("--max-associations", type=int, default=10, help="per receiving process")
+    p.add_argument(
+        "--processes", type=int, default=1, help="receiving processes (dicom_io.receivers)"
+    )
     p.add_argument("--max-pdu", type=int, default=0, help="0 = unlimited")
     p.add_argument("--reserve-mb", type=float, default=500.0, help="refuse below this free space")
     p.add_argument("--quiet", type=float, default=5.0, help="study quiet window (s)")

@@ -45,13 +45,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from dicom_io.durable import write_atomic
 from dicom_io.spool import Spool, SpooledInstance, StoreOutcome, StoreResult
 from dicom_io.uids import is_valid_uid, require_uid
 
-__all__ = ["JournalWriteError", "ReadyStudy", "StudyAssembler", "Trigger"]
+__all__ = ["AssemblySink", "JournalWriteError", "ReadyStudy", "StudyAssembler", "Trigger"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,23 @@ class ReadyStudy:
     def __post_init__(self) -> None:
         # Accept the code as a string too (older callers); an unknown one is refused.
         object.__setattr__(self, "trigger", Trigger(self.trigger))
+
+
+class AssemblySink(Protocol):
+    """What the listener's C-STORE handlers report to: :class:`StudyAssembler`, or in a
+    receiving process (:mod:`dicom_io.receivers`) the proxy of its listener's assembler."""
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = 10.0) -> None: ...
+
+    def instance_stored(self, result: StoreResult, association_id: int | None = None) -> None:
+        """Record a durably spooled instance; raises :class:`JournalWriteError` when the
+        study journal could not be written (the instance must not be acknowledged)."""
+
+    def association_released(self, association_id: int) -> None: ...
+
+    def association_closed(self, association_id: int) -> None: ...
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 __all__ = [
     "ALLOW_ANY_AE",
     "DEFAULT_MAX_INFLATED_BYTES",
+    "MAX_RECEIVING_PROCESSES",
     "AllowedPeer",
     "Destination",
     "ListenerConfig",
@@ -180,6 +181,10 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+MAX_RECEIVING_PROCESSES = 32
+"""Upper bound of :attr:`ListenerConfig.receiving_processes`."""
+
+
 @dataclass(frozen=True)
 class ListenerConfig:
     """Everything the C-STORE/C-ECHO listener needs to run.
@@ -211,6 +216,9 @@ class ListenerConfig:
     study_quiet_seconds: float = 5.0
     study_release_grace_seconds: float = 1.0
     tls: TLSConfig | None = None
+    # >1: that many processes accept associations on the port (dicom_io.receivers);
+    # max_associations then holds per process
+    receiving_processes: int = 1
     # Parsed from ``allowed_aets``.
     allowed_peers: frozenset[AllowedPeer] = field(init=False, repr=False, compare=False)
 
@@ -236,6 +244,10 @@ class ListenerConfig:
             )
         if self.max_inflated_bytes <= 0:
             raise ValueError("ListenerConfig.max_inflated_bytes must be positive")
+        if not 1 <= self.receiving_processes <= MAX_RECEIVING_PROCESSES:
+            raise ValueError(
+                f"ListenerConfig.receiving_processes must be 1 to {MAX_RECEIVING_PROCESSES}"
+            )
         if self.tls is not None:
             if self.tls.ca_file is not None and not self.tls.require_client_cert:
                 raise ValueError(

@@ -46,7 +46,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification, register_uid  # type: ignore[attr-defined]
 
-from dicom_io.assembly import JournalWriteError, ReadyStudy, StudyAssembler
+from dicom_io.assembly import AssemblySink, JournalWriteError, ReadyStudy, StudyAssembler
 from dicom_io.config import ListenerConfig, TLSConfig
 from dicom_io.sanitize import redact_library_logs
 from dicom_io.spool import (
@@ -188,8 +188,8 @@ class Listener:
         on_instance_stored: Callable[[SpooledInstance], None] | None = None,
     ) -> None:
         self.config = config
-        self.spool = Spool(config.spool_dir, max_inflated_bytes=config.max_inflated_bytes)
-        self.assembler = StudyAssembler(
+        self.spool = self._open_spool()
+        self.assembler: AssemblySink = StudyAssembler(
             self.spool,
             on_study_ready,
             quiet_seconds=config.study_quiet_seconds,
@@ -197,15 +197,22 @@ class Listener:
         )
         self._on_instance_stored = on_instance_stored
         self._server: Any = None
+        self._receivers: Any = None  # dicom_io.receivers.ReceivingProcesses when > 1
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._low_space_warned_at = -_WATERMARK_WARN_INTERVAL
         self.stats = {"stored": 0, "duplicate": 0, "replaced": 0, "refused": 0, "failed": 0}
 
     # --- lifecycle ----------------------------------------------------------
+    def _open_spool(self) -> Spool:
+        """The spool this process writes to; the listener owns (and recovers) its pool."""
+        return Spool(self.config.spool_dir, max_inflated_bytes=self.config.max_inflated_bytes)
+
     @property
     def port(self) -> int:
         """The bound TCP port (useful when the configuration asked for port 0)."""
+        if self._receivers is not None:
+            return int(self._receivers.port)
         if self._server is None:
             raise RuntimeError("listener not started")
         return int(self._server.server_address[1])
@@ -252,11 +259,30 @@ class Listener:
             OSError: the address cannot be bound (in use, not permitted).
             ssl.SSLError, OSError: the TLS certificate, key or CA cannot be loaded.
         """
-        if self._server is not None:
+        if self._server is not None or self._receivers is not None:
             return
         self._stopped.clear()
         redact_library_logs()
         self.assembler.start()
+        if self.config.receiving_processes > 1:
+            from dicom_io.receivers import ReceivingProcesses
+
+            receivers = ReceivingProcesses(self)
+            try:
+                receivers.start()
+            except BaseException:
+                self.assembler.stop()
+                raise
+            self._receivers = receivers
+            log.info(
+                "listening as %s on %s:%d with %d receiving processes (tls=%s)",
+                self.config.ae_title,
+                self.config.host,
+                self.port,
+                self.config.receiving_processes,
+                self.config.tls is not None,
+            )
+            return
         ae = self._build_ae()
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._handle_open),
@@ -269,13 +295,7 @@ class Listener:
             handlers.append((evt.EVT_REQUESTED, self._handle_requested))
         ssl_context = build_ssl_context(self.config.tls) if self.config.tls else None
         try:
-            self._server = ae.start_server(
-                (self.config.host, self.config.port),
-                block=False,
-                evt_handlers=handlers,
-                ssl_context=ssl_context,
-                contexts=server_contexts(ae),
-            )
+            self._server = self._serve(ae, handlers, ssl_context)
         except Exception:
             self.assembler.stop()
             raise
@@ -287,10 +307,23 @@ class Listener:
             bool(ssl_context),
         )
 
+    def _serve(self, ae: AE, handlers: list[Any], ssl_context: ssl.SSLContext | None) -> Any:
+        """Bind the configured address and serve it in background threads; the server."""
+        return ae.start_server(
+            (self.config.host, self.config.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=ssl_context,
+            contexts=server_contexts(ae),
+        )
+
     def stop(self) -> None:
         """Stop accepting, close the server and the assembly timer. Nothing pending is lost."""
         with self._lock:
             server, self._server = self._server, None
+            receivers, self._receivers = self._receivers, None
+        if receivers is not None:
+            receivers.stop()
         if server is not None:
             server.shutdown()
             # Unacknowledged C-STOREs on open associations are retried by the
@@ -372,16 +405,22 @@ class Listener:
             )
         self._count({"new": "stored"}.get(result.outcome.value, result.outcome.value))
         # An identical duplicate changes nothing, so it is not reported again.
-        if self._on_instance_stored is not None and result.outcome is not StoreOutcome.DUPLICATE:
-            try:
-                self._on_instance_stored(result.instance)
-            except Exception as exc:
-                log.error(
-                    "on_instance_stored callback failed for instance %s (%s)",
-                    result.instance.sop_instance_uid,
-                    type(exc).__name__,
-                )
+        if result.outcome is not StoreOutcome.DUPLICATE:
+            self._report_stored(result.instance)
         return STATUS_SUCCESS
+
+    def _report_stored(self, instance: SpooledInstance) -> None:
+        """Hand a new or replaced instance to ``on_instance_stored`` (errors logged)."""
+        if self._on_instance_stored is None:
+            return
+        try:
+            self._on_instance_stored(instance)
+        except Exception as exc:
+            log.error(
+                "on_instance_stored callback failed for instance %s (%s)",
+                instance.sop_instance_uid,
+                type(exc).__name__,
+            )
 
     def _count(self, key: str) -> None:
         with self._lock:

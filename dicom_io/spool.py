@@ -7,8 +7,10 @@ Layout (every path component a UID checked by :func:`dicom_io.uids.require_uid`)
                              into place by the listener (same file system)
     <spool_dir>/.incoming/   temporary files of other writers (same file system)
     <spool_dir>/.state/      study assembly journal (see ``dicom_io.assembly``)
+    <spool_dir>/.locks/      lock files: one SOP Instance UID is written by one
+                             process at a time (receiving processes, retrieval)
 
-None of ``.pool``, ``.incoming`` and ``.state`` is a UID, so no scan, purge
+None of ``.pool``, ``.incoming``, ``.state`` and ``.locks`` is a UID, so no scan, purge
 or retention pass ever treats a file there as an instance.
 
 A spooled file is a DICOM Part 10 file (PS3.10 §7.1): 128-byte preamble,
@@ -27,6 +29,9 @@ PHI. Two commits, chosen by who opened the spool:
   *commit check* in the File Meta Information (below), ``fdatasync``-s it and
   renames it to its final name without flushing a directory. Folders created
   for it (a new study or series) are flushed before the rename.
+* A listener's receiving processes (:mod:`dicom_io.receivers`) write through
+  ``.pool`` the same way (``pooled=True``) without recovering it: their
+  listener recovered it before starting them.
 * Any other process (``clean_incoming=False``: a worker retrieving purged
   files from the PACS) writes a temporary file in ``.incoming``, ``fsync``-s
   it, renames it and ``fsync``-s the folder (:func:`dicom_io.durable.commit`).
@@ -70,6 +75,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import fcntl
 import hashlib
 import io
 import logging
@@ -78,6 +84,7 @@ import os
 import shutil
 import struct
 import threading
+import weakref
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -110,6 +117,7 @@ from dicom_io.uids import InvalidUIDError, is_valid_uid, require_uid
 __all__ = [
     "COMMIT_CHECK_CREATOR_UID",
     "INCOMING_DIR",
+    "LOCKS_DIR",
     "POOL_DIR",
     "STATE_DIR",
     "SUFFIX",
@@ -127,6 +135,8 @@ log = logging.getLogger(__name__)
 INCOMING_DIR = ".incoming"
 POOL_DIR = ".pool"
 STATE_DIR = ".state"
+LOCKS_DIR = ".locks"
+_LOCK_BUCKETS = 64  # lock files; two UIDs share one with probability 1/64
 SUFFIX = ".dcm"
 
 _COPY_CHUNK = 1 << 20
@@ -207,6 +217,57 @@ class _KeepPoolFile(Exception):
     """Recovery cannot judge a pool file; it stays where it is. The message names no value."""
 
 
+class _ProcessLocks:
+    """``flock`` on :data:`_LOCK_BUCKETS` lock files, shared by this process's threads.
+
+    The lock files are opened on the first write and kept open (64
+    descriptors, closed when the spool is collected). ``flock`` locks belong to an open file, not a thread, so the
+    threads of one process share each bucket: the first to enter locks the
+    file, the last to leave unlocks it. Threads with *the same* UID are kept
+    apart by the spool's per-UID locks; these keep processes apart. The
+    kernel releases a dead holder's locks.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._fds: dict[int, int] = {}
+        self._opening = threading.Lock()
+        self._holders = [0] * _LOCK_BUCKETS
+        self._gates = [threading.Lock() for _ in range(_LOCK_BUCKETS)]
+        weakref.finalize(self, _close_all, self._fds)
+
+    def _open_all(self) -> None:
+        with self._opening:
+            for bucket in range(_LOCK_BUCKETS):
+                if bucket not in self._fds:
+                    self._fds[bucket] = os.open(
+                        self._folder / f"{bucket:02x}.lock",
+                        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                        0o600,
+                    )
+
+    @contextmanager
+    def hold(self, bucket: int) -> Iterator[None]:
+        if len(self._fds) < _LOCK_BUCKETS:
+            self._open_all()
+        with self._gates[bucket]:
+            if self._holders[bucket] == 0:
+                fcntl.flock(self._fds[bucket], fcntl.LOCK_EX)  # waits for other processes
+            self._holders[bucket] += 1
+        try:
+            yield
+        finally:
+            with self._gates[bucket]:
+                self._holders[bucket] -= 1
+                if self._holders[bucket] == 0:
+                    fcntl.flock(self._fds[bucket], fcntl.LOCK_UN)
+
+
+def _close_all(fds: dict[int, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+
+
 @contextmanager
 def _buffer(dataset: bytes | bytearray | memoryview | io.BytesIO) -> Iterator[memoryview]:
     """A read-only byte view of a received data set, without copying it."""
@@ -281,6 +342,7 @@ class Spool:
         *,
         max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
         clean_incoming: bool = True,
+        pooled: bool | None = None,
     ) -> None:
         """Open (and create, 0700) the spool at ``root``.
 
@@ -292,6 +354,9 @@ class Spool:
         listener runs (``pneumo purge``, a worker retrieving from the PACS)
         passes False, or it would delete or promote the listener's writes in
         progress; it writes with the two-flush commit in ``.incoming``.
+        ``pooled`` (default: ``clean_incoming``) writes through ``.pool``
+        without recovering it: a listener's receiving processes, started after
+        their listener recovered the pool.
 
         Raises:
             OSError: a spool folder cannot be created, or recovery cannot
@@ -301,15 +366,18 @@ class Spool:
         self.incoming = self.root / INCOMING_DIR
         self.pool_dir = self.root / POOL_DIR
         self.state_dir = self.root / STATE_DIR
+        self.locks_dir = self.root / LOCKS_DIR
         self.max_inflated_bytes = max_inflated_bytes
-        for d in (self.root, self.incoming, self.state_dir):
+        for d in (self.root, self.incoming, self.state_dir, self.locks_dir):
             make_private_dirs(d)
         # Serialises the compare, write and rename of one SOP Instance UID
         # arriving on two associations at once (other UIDs are not held up).
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._process_locks = _ProcessLocks(self.locks_dir)
         # Filled on the first write: a spool that only refuses writes no file.
-        self.pool: FilePool | None = FilePool(self.pool_dir) if clean_incoming else None
+        use_pool = clean_incoming if pooled is None else pooled
+        self.pool: FilePool | None = FilePool(self.pool_dir) if use_pool else None
         if clean_incoming:
             self._clean_incoming()
             self._recover_pool()
@@ -380,7 +448,7 @@ class Spool:
                 meta = _with_commit_check(meta, data)
             size = len(meta) + data.nbytes
             try:
-                with self._lock_for(sop_instance_uid):
+                with self._instance_lock(sop_instance_uid):
                     outcome = self._commit(final, meta, data)
             except OSError as exc:
                 raise SpoolWriteError(f"writing to the spool failed: {exc.strerror}") from None
@@ -397,6 +465,20 @@ class Spool:
             received_at=datetime.now(UTC),
         )
         return StoreResult(instance=instance, outcome=outcome, expected_count=expected)
+
+    @contextmanager
+    def _instance_lock(self, sop_instance_uid: str) -> Iterator[None]:
+        """Hold one SOP Instance UID against other threads and other processes.
+
+        Threads of this process wait on the UID's own lock; processes on one of
+        :data:`_LOCK_BUCKETS` lock files (:class:`_ProcessLocks`).
+
+        Raises:
+            OSError: the lock file cannot be opened or locked.
+        """
+        bucket = zlib.crc32(sop_instance_uid.encode("ascii")) % _LOCK_BUCKETS
+        with self._lock_for(sop_instance_uid), self._process_locks.hold(bucket):
+            yield
 
     def _lock_for(self, key: str) -> threading.Lock:
         with self._locks_guard:

@@ -17,6 +17,12 @@ on its socket and on a wake-up pipe written when a PDU is queued for sending
 (still at most its 1 ms, so its timers and kill flag are checked as often as
 before), the association reactor in a blocking ``get`` on its message queue
 (at most 10 ms, then it checks for release, abort and timeouts as before).
+
+C-STORE responses: pynetdicom builds each response's command set as a pydicom
+data set and encodes it, per instance received. :func:`encode_store_response` writes the same bytes directly
+for the common response, a status with no Offending Element or Error Comment,
+and :func:`tune_connection` sends it through the DUL as pynetdicom would;
+anything else takes pynetdicom's path.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 import queue
 import select
 import socket
+import struct
 import threading
 import time
 import types
@@ -34,10 +41,14 @@ from typing import Any
 
 import pynetdicom.association
 import pynetdicom.dul
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom._handlers import standard_dimse_sent_handler
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 
 __all__ = [
+    "encode_store_response",
     "server_contexts",
     "set_nodelay",
     "tune_connection",
@@ -99,6 +110,76 @@ def _recv_exact(self: Any, nr_bytes: int) -> bytearray:
         got += n
     del view
     return buf
+
+
+_C_STORE_RSP = 0x8001  # Command Field (PS3.7 E.1-1)
+_NO_DATA_SET = 0x0101  # Command Data Set Type: no data set follows
+_LAST_COMMAND_FRAGMENT = b"\x03"  # PDV message control header (PS3.8 E.2)
+_PDV_OVERHEAD = 6  # PDV item length (4) + context id (1) + control header (1)
+
+
+def _command_element(element: int, value: bytes) -> bytes:
+    """One group 0000 element, implicit VR little endian (PS3.7 §6.3.1)."""
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _uid_value(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw  # UI pads to even length with NUL
+
+
+def encode_store_response(primitive: Any) -> bytes | None:
+    """The C-STORE-RSP command set of ``primitive``, or None when it is not the plain kind.
+
+    Plain: a response (Message ID Being Responded To set) with Affected SOP
+    Class and Instance UIDs and a Status, no Offending Element, no Error
+    Comment. The bytes equal pynetdicom's own encoding of that message
+    (``tests/dicom_receive/test_tuning.py``).
+    """
+    if not isinstance(primitive, C_STORE):
+        return None
+    responded_to = primitive.MessageIDBeingRespondedTo
+    status = getattr(primitive, "Status", None)
+    sop_class = primitive.AffectedSOPClassUID
+    sop_instance = primitive.AffectedSOPInstanceUID
+    if None in (responded_to, status, sop_class, sop_instance):
+        return None
+    if primitive.OffendingElement is not None or primitive.ErrorComment is not None:
+        return None
+    body = b"".join(
+        (
+            _command_element(0x0002, _uid_value(str(sop_class))),
+            _command_element(0x0100, struct.pack("<H", _C_STORE_RSP)),
+            _command_element(0x0120, struct.pack("<H", responded_to)),
+            _command_element(0x0800, struct.pack("<H", _NO_DATA_SET)),
+            _command_element(0x0900, struct.pack("<H", status)),
+            _command_element(0x1000, _uid_value(str(sop_instance))),
+        )
+    )
+    return _command_element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _send_msg_fast(self: Any, primitive: Any, context_id: int) -> None:
+    """DIMSE ``send_msg`` with plain C-STORE responses encoded by :func:`encode_store_response`.
+
+    Only when nobody but pynetdicom's logging handler (which logs nothing for
+    a C-STORE-RSP) listens for EVT_DIMSE_SENT, since that event is not raised
+    here, and only when the command fits one PDV.
+    """
+    command = encode_store_response(primitive)
+    limit = self.maximum_pdu_size
+    if (
+        command is not None
+        and (not limit or len(command) <= limit - _PDV_OVERHEAD)
+        and all(
+            h[0] is standard_dimse_sent_handler for h in self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
+        )
+    ):
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, _LAST_COMMAND_FRAGMENT + command))
+        self.dul.send_pdu(pdata)
+        return
+    type(self).send_msg(self, primitive, context_id)
 
 
 def set_nodelay(raw_socket: Any) -> None:
@@ -264,8 +345,9 @@ def _blocking_get_msg(self: Any, block: bool = False) -> tuple[Any, Any]:
 def tune_connection(assoc: Any) -> None:
     """Per-connection tweaks for an accepted association (bound to EVT_CONN_OPEN).
 
-    Reads whole PDUs with few system calls, disables Nagle, and replaces the
-    reactors' polling sleeps with waits on what they poll for (module docstring).
+    Reads whole PDUs with few system calls, disables Nagle, replaces the
+    reactors' polling sleeps with waits on what they poll for and encodes plain
+    C-STORE responses directly (module docstring).
     """
     dul = getattr(assoc, "dul", None)
     sock = getattr(dul, "socket", None)
@@ -277,6 +359,8 @@ def tune_connection(assoc: Any) -> None:
     _install_reactor_clock()
     _wake_on_send(dul)  # else the DUL reactor keeps pynetdicom's 1 ms polling
     dimse = getattr(assoc, "dimse", None)
+    if dimse is not None and hasattr(dimse, "send_msg"):
+        dimse.send_msg = types.MethodType(_send_msg_fast, dimse)
     if dimse is not None and hasattr(dimse, "msg_queue"):
         # Both or neither: without a waiting poll, skipping the loop sleep would spin.
         dimse.get_msg = types.MethodType(_blocking_get_msg, dimse)

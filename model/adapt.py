@@ -134,7 +134,8 @@ def adapt_weights(
     source = Predictor(weights, device="cpu", batch_size=batch_size)
     size = source.info.input_size
     batches = [
-        to_model_batch(images[i : i + batch_size], size) for i in range(0, len(images), batch_size)
+        to_model_batch(images[i : i + batch_size], size, equalize=source.info.equalize)
+        for i in range(0, len(images), batch_size)
     ]
     net = renormalise(source.net, batches)
     new = dict(payload)

@@ -221,8 +221,13 @@ def build_card(
         },
         "preprocessing": (
             f"float [0,1] grayscale -> squash-resize to {payload['input_size']}x"
-            f"{payload['input_size']} (bilinear, anti-aliased, aspect not kept) -> per-image "
-            "zero mean / unit variance, clipped to +-6 (model/preprocess.py)"
+            f"{payload['input_size']} (bilinear, anti-aliased, aspect not kept) -> "
+            + (
+                "per-image histogram equalisation (256 levels, mid-rank) -> "
+                if payload.get("equalize")
+                else ""
+            )
+            + "per-image zero mean / unit variance, clipped to +-6 (model/preprocess.py)"
         ),
         "architecture": {
             "type": (

@@ -85,8 +85,11 @@ def _member_logits(payload: dict[str, Any], views: Sequence[np.ndarray]) -> list
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     mirror = str(payload.get("tta", "hflip-mean-logit")) != "none"
+    equalize = bool(payload.get("equalize", False))
     return [
-        network_outputs(net, view, device, mirror=mirror, channels_last=channels_last)[0]
+        network_outputs(
+            net, view, device, mirror=mirror, channels_last=channels_last, equalize=equalize
+        )[0]
         for view in views
     ]
 

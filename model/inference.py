@@ -74,6 +74,7 @@ class ModelInfo:
     target_sensitivity: float = 0.95
     bias: float = 0.0  # calibration: p = sigmoid(logit / temperature + bias)
     path: str = ""  # file name of the weights (no directories: nothing site-specific)
+    equalize: bool = False  # preprocessing: histogram equalisation (model.preprocess)
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,7 @@ class Predictor:
             target_sensitivity=float(payload.get("target_sensitivity", 0.95)),
             bias=float(payload.get("bias", 0.0)),
             path=weights.name,
+            equalize=bool(payload.get("equalize", False)),
         )
         self._lock = threading.Lock()
 
@@ -248,7 +250,12 @@ class Predictor:
         """(images, their preprocessed batch on the device), ``batch_size`` at a time."""
         for i in range(0, len(images), self.batch_size):
             chunk = images[i : i + self.batch_size]
-            yield chunk, self._to_device(to_model_batch(chunk, self.info.input_size))
+            yield (
+                chunk,
+                self._to_device(
+                    to_model_batch(chunk, self.info.input_size, equalize=self.info.equalize)
+                ),
+            )
 
     def _tta(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:func:`~model.network.tta_forward_with_map` of ``x`` (under autocast when set)."""

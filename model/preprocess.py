@@ -10,6 +10,9 @@ alike, so the network sees exactly the same transform everywhere:
 2. :func:`standardize` rescales each image to zero mean and unit variance. This
    makes 8-bit JPEGs, 12/15-bit CR/DX (already windowed to [0, 1] by
    ``dicom_io``) and differently exposed films look alike to the network.
+   A model trained with ``equalize`` (its weights file says so) first maps each
+   image through its own histogram (:func:`equalize_histogram`): every monotone
+   change of grey levels (gamma, contrast curve, window) then gives the same input.
 
 Training applies its augmentations between the two steps (on the resized
 [0, 1] image) and then calls :func:`standardize` itself.
@@ -23,7 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["INPUT_SIZE", "resize_to_input", "standardize", "to_model_batch", "to_model_tensor"]
+__all__ = [
+    "INPUT_SIZE",
+    "equalize_histogram",
+    "resize_to_input",
+    "standardize",
+    "to_model_batch",
+    "to_model_tensor",
+]
 
 INPUT_SIZE: int = 224
 """Side of the square model input, in pixels."""
@@ -31,6 +41,7 @@ INPUT_SIZE: int = 224
 _MIN_SIDE = 8
 _STD_FLOOR = 1e-3  # a flat image must not blow up to +-inf
 _CLAMP = 6.0  # keeps burnt-in text / collimator edges from dominating
+_LEVELS = 256  # grey levels of the equalisation histogram (8-bit JPEG and DICOM alike)
 
 
 def _as_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -60,23 +71,49 @@ def resize_to_input(image: np.ndarray | torch.Tensor, size: int = INPUT_SIZE) ->
     return out[0].clamp_(0.0, 1.0)
 
 
-def standardize(x: torch.Tensor) -> torch.Tensor:
-    """Per-image zero mean / unit variance over the last two dims (any leading dims)."""
+def equalize_histogram(x: torch.Tensor) -> torch.Tensor:
+    """Histogram-equalise each [0, 1] image over its last two dims (any leading dims).
+
+    Each pixel becomes the mid-rank of its grey level (of :data:`_LEVELS`) in its own
+    image, ``(count below + count equal / 2) / pixels``, in (0, 1). Equal grey levels
+    stay equal, brighter stays brighter, and any monotone increasing change of the
+    grey levels that keeps the levels apart gives the same output.
+    """
+    flat = x.flatten(-2)
+    rows = flat.reshape(-1, flat.shape[-1])
+    n, pixels = rows.shape
+    level = (rows.clamp(0.0, 1.0) * (_LEVELS - 1)).round_().long()
+    offset = level + torch.arange(n, device=x.device).unsqueeze(1) * _LEVELS
+    hist = torch.bincount(offset.flatten(), minlength=n * _LEVELS).reshape(n, _LEVELS)
+    hist = hist.to(torch.float32)
+    mid_rank = (hist.cumsum(-1) - hist / 2) / pixels
+    return torch.gather(mid_rank, 1, level).reshape(x.shape)
+
+
+def standardize(x: torch.Tensor, *, equalize: bool = False) -> torch.Tensor:
+    """Per-image zero mean / unit variance over the last two dims (any leading dims).
+
+    ``equalize``: :func:`equalize_histogram` the [0, 1] images first.
+    """
+    if equalize:
+        x = equalize_histogram(x)
     flat = x.flatten(-2)
     mean = flat.mean(-1, keepdim=True).unsqueeze(-1)
     std = flat.std(-1, keepdim=True).unsqueeze(-1).clamp_min(_STD_FLOOR)
     return ((x - mean) / std).clamp_(-_CLAMP, _CLAMP)
 
 
-def to_model_tensor(image: np.ndarray | torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+def to_model_tensor(
+    image: np.ndarray | torch.Tensor, size: int = INPUT_SIZE, *, equalize: bool = False
+) -> torch.Tensor:
     """From a 2-D float [0, 1] image to the (1, S, S) float32 model tensor."""
-    return standardize(resize_to_input(image, size))
+    return standardize(resize_to_input(image, size), equalize=equalize)
 
 
 def to_model_batch(
-    images: Sequence[np.ndarray | torch.Tensor], size: int = INPUT_SIZE
+    images: Sequence[np.ndarray | torch.Tensor], size: int = INPUT_SIZE, *, equalize: bool = False
 ) -> torch.Tensor:
     """Stack :func:`to_model_tensor` of each image into an (N, 1, S, S) batch."""
     if len(images) == 0:
         return torch.empty((0, 1, size, size), dtype=torch.float32)
-    return torch.stack([to_model_tensor(im, size) for im in images])
+    return torch.stack([to_model_tensor(im, size, equalize=equalize) for im in images])

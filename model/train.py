@@ -120,6 +120,7 @@ class TrainConfig:
     shift_prob: float = 0.0  # fraction of training images put through model.shift.perturb
     label_smoothing: float = 0.0  # targets become y * (1 - ls) + ls / 2
     mixup: float = 0.0  # >0: mixup with Beta(mixup, mixup) mixing weights, per batch
+    equalize: bool = False  # histogram-equalise every image (model.preprocess); serving follows
     input_size: int = INPUT_SIZE
     target_sensitivity: float = 0.95
     ood_quantile: float = 0.995
@@ -279,12 +280,13 @@ def network_outputs(
     batch: int = 64,
     mirror: bool = True,
     channels_last: bool = False,
+    equalize: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(TTA logits (N,), OOD features (N, D)) of cached uint8 images, eval mode."""
     net.eval()
     logits, feats = [], []
     for _, x in _batches(pixels, batch):
-        x = standardize(x).to(device)
+        x = standardize(x, equalize=equalize).to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         lg, ft = tta_forward(net, x, mirror=mirror)
@@ -305,6 +307,7 @@ def _outputs_for(
         device=device,
         mirror=cfg.tta != "none",
         channels_last=cfg.channels_last,
+        equalize=cfg.equalize,
     )
 
 
@@ -467,7 +470,8 @@ def run_training(config: TrainConfig) -> Path:
                 tr_pix[idx], cfg.shift_prob, np.random.default_rng([cfg.seed, epoch, step])
             )
             x = torch.from_numpy(batch).float().div_(255.0).unsqueeze(1)
-            x = standardize(augment(x, gen)).to(device).contiguous(memory_format=fmt)
+            x = standardize(augment(x, gen), equalize=cfg.equalize)
+            x = x.to(device).contiguous(memory_format=fmt)
             y = torch.from_numpy(tr_y[idx]).to(device)
             weights = torch.where(y > 0.5, w_pos, w_neg)
             if cfg.mixup > 0:
@@ -667,6 +671,7 @@ def _calibrate_and_export(
         "threshold": float(threshold),
         "target_sensitivity": cfg.target_sensitivity,
         "tta": cfg.tta,
+        "equalize": cfg.equalize,
         # calibrated validation probabilities: what ``pneumo monitor`` compares production with
         "monitoring_reference": va_prob.astype(np.float32),
         "ood": ood.to_dict(),

@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     allowed_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
     max_associations: int = Field(default=10, ge=1)
+    # >1: that many processes receive on the port (dicom_io.receivers); up to one per core
+    listener_processes: int = Field(default=1, ge=1, le=32)
     max_pdu: int = Field(default=0, ge=0, description="0 = unlimited")
     spool_reserve_mb: int = Field(default=500, ge=0)
     max_image_pixels_bits: int = Field(default=16384 * 16384 * 16, ge=1)
@@ -236,6 +238,7 @@ class Settings(BaseSettings):
             study_quiet_seconds=self.study_quiet_seconds,
             study_release_grace_seconds=self.study_release_grace_seconds,
             tls=self.tls_config(),
+            receiving_processes=self.listener_processes,
         )
 
     def worker_config(self) -> WorkerConfig:

@@ -640,6 +640,7 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "shift_prob": (float, "share of training images given acquisition-like perturbations"),
     "label_smoothing": (float, "label smoothing of the BCE targets"),
     "mixup": (float, ">0: mixup with Beta(a, a) mixing weights"),
+    "equalize": (bool, "histogram-equalise every image before standardising (serving follows)"),
     "input_size": (int, "side of the square network input"),
     "target_sensitivity": (float, "operating threshold: sensitivity on validation"),
     "ood_quantile": (float, "not-a-chest guard: quantile of validation OOD scores"),

@@ -177,3 +177,39 @@ def test_tuned_associations_leave_no_descriptors_behind(make_listener) -> None: 
     for _ in range(20):
         assert scu_store(listener.port, [make_instance(study)]) == [0]
     assert eventually(lambda: _open_fds() <= before + 2, timeout=10)
+
+
+def _pynetdicom_store_response(primitive) -> bytes:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(primitive)
+    [pdata] = list(msg.encode_msg(1, 0))
+    [(context_id, pdv)] = pdata.presentation_data_value_list
+    assert context_id == 1 and pdv[:1] == b"\x03"
+    return pdv[1:]
+
+
+def test_store_response_bytes_equal_pynetdicoms_encoding():
+    from pydicom.uid import generate_uid
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from dicom_io.tuning import encode_store_response
+
+    for status, sop_class, message_id in [
+        (0x0000, "1.2.840.10008.5.1.4.1.1.1.1", 1),  # odd-length UID: NUL padded
+        (0xB000, "1.2.840.10008.5.1.4.1.1.7", 65535),  # even length, a warning
+        (0xA700, "1.2.840.10008.5.1.4.1.1.88.22", 300),
+    ]:
+        primitive = C_STORE()
+        primitive.MessageIDBeingRespondedTo = message_id
+        primitive.AffectedSOPClassUID = sop_class
+        primitive.AffectedSOPInstanceUID = generate_uid()
+        primitive.Status = status
+        assert encode_store_response(primitive) == _pynetdicom_store_response(primitive)
+
+    primitive.ErrorComment = "spool write failed"  # not the plain kind: pynetdicom's path
+    assert encode_store_response(primitive) is None
+    request = C_STORE()
+    request.MessageID = 1
+    assert encode_store_response(request) is None

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from model.images import ImageLoadError, load_image_file
-from model.preprocess import INPUT_SIZE, to_model_batch, to_model_tensor
+from model.preprocess import INPUT_SIZE, equalize_histogram, to_model_batch, to_model_tensor
 
 
 def test_tensor_shape_and_standardisation() -> None:
@@ -103,8 +103,9 @@ def _dicom_from_pixels(path, pixels: np.ndarray, *, monochrome1: bool = False, b
     return path
 
 
+@pytest.mark.parametrize("equalize", [False, True], ids=["standardised", "equalised"])
 @pytest.mark.parametrize("variant", ["8bit", "12bit-monochrome1"])
-def test_dicom_and_its_jpeg_give_the_same_tensor(kermany, tmp_path, variant) -> None:
+def test_dicom_and_its_jpeg_give_the_same_tensor(kermany, tmp_path, variant, equalize) -> None:
     pixels_mod = pytest.importorskip(
         "dicom_io.pixels", reason="dicom_io.pixels (the DICOM pixel reader) not available"
     )
@@ -116,7 +117,28 @@ def test_dicom_and_its_jpeg_give_the_same_tensor(kermany, tmp_path, variant) -> 
     else:  # 12-bit, inverted storage: what a CR/DX in MONOCHROME1 would carry
         stored, mono1, bits = ((255 - gray.astype(np.uint16)) * 16 + 7).astype(np.uint16), True, 12
     dcm = _dicom_from_pixels(tmp_path / "x.dcm", stored, monochrome1=mono1, bits=bits)
-    from_dicom = to_model_tensor(pixels_mod.read_pixels_file(dcm))
-    from_jpeg = to_model_tensor(load_image_file(jpeg))
+    from_dicom = to_model_tensor(pixels_mod.read_pixels_file(dcm), equalize=equalize)
+    from_jpeg = to_model_tensor(load_image_file(jpeg), equalize=equalize)
     assert from_dicom.shape == from_jpeg.shape
     assert float((from_dicom - from_jpeg).abs().max()) < 1e-3
+
+
+def test_equalisation_is_per_image_and_ignores_monotone_grey_level_changes() -> None:
+    rng = np.random.default_rng(7)
+    levels = rng.integers(0, 128, (2, 1, 64, 64)) * 2  # even 8-bit levels only
+    x = torch.from_numpy(levels / 255.0).float()
+    eq = equalize_histogram(x)
+    assert eq.shape == x.shape and 0 < float(eq.min()) and float(eq.max()) < 1
+    assert abs(float(eq.mean()) - 0.5) < 0.01  # mid-ranks of a histogram average to 1/2
+    # brighter stays brighter, equal stays equal
+    flat_x, flat_eq = x[0, 0].flatten(), eq[0, 0].flatten()
+    order = torch.argsort(flat_x)
+    assert bool((flat_eq[order].diff() >= 0).all())
+    # a monotone curve that keeps the levels apart changes nothing
+    curved = torch.from_numpy((levels / 255.0) ** 0.5).float()
+    assert torch.allclose(equalize_histogram(curved), eq, atol=1e-6)
+    # each image by its own histogram: the batch equals the images one at a time
+    assert torch.equal(equalize_histogram(x[1]), eq[1])
+    # and the model tensor is still standardised
+    t = to_model_tensor(x[0, 0].numpy(), equalize=True)
+    assert abs(float(t.mean())) < 1e-3 and abs(float(t.std()) - 1) < 1e-2

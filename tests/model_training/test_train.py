@@ -128,3 +128,27 @@ def test_resume_key_follows_the_recipe_not_the_run_settings(tmp_path) -> None:
     )
     # fields at their defaults stay out of the key: adding a field never orphans a run
     assert _config_key(TrainConfig()) == _config_key(TrainConfig(mixup=0.0, tta="none"))
+
+
+def test_equalised_model_records_it_and_serves_through_it(kermany, tmp_path) -> None:
+    """--equalize is a preprocessing choice the weights file carries: the served model
+    equalises (so a monotone grey-level change leaves its probability unchanged) and a
+    model trained without it does not."""
+    from dataclasses import replace
+
+    config = replace(_config(kermany, tmp_path, epochs=1), equalize=True)
+    path = run_training(config)
+    assert read_weights_file(path)["equalize"] is True
+    pred = Predictor(path)
+    assert pred.info.equalize
+    # at the input size (no resampling, which would mix levels) with 64 grey levels, spaced
+    levels = np.random.default_rng(5).integers(0, 64, (config.input_size,) * 2) * 4
+    image = (levels / 255.0).astype(np.float32)
+    curved = ((levels / 255.0) ** 0.6).astype(np.float32)  # monotone; levels stay apart
+    same = pred.predict([image, curved])
+    assert same[0].probability == pytest.approx(same[1].probability, abs=1e-6)
+
+    plain = Predictor(run_training(replace(config, version="0.0.1-plain", equalize=False)))
+    assert not plain.info.equalize
+    differ = plain.predict([image, curved])
+    assert differ[0].probability != pytest.approx(differ[1].probability, abs=1e-6)
