@@ -389,6 +389,12 @@ def main() -> int:
     parser.add_argument("--throughput-studies", type=int, default=500)
     parser.add_argument("--size", type=int, default=2048, help="image side in pixels")
     parser.add_argument("--workers", default="1,2", help="worker process counts for (b)/(c)")
+    parser.add_argument(
+        "--listener-processes",
+        type=int,
+        default=1,
+        help="PNEUMO_LISTENER_PROCESSES for the listener (receiving processes; default 1)",
+    )
     parser.add_argument("--skip-production", action="store_true")
     parser.add_argument("--skip-embedded", action="store_true")
     args = parser.parse_args()
@@ -406,6 +412,10 @@ def main() -> int:
             flavours.append(("redis+postgresql", prod[0], prod[1]))
     if not args.skip_embedded:
         flavours.append(("embedded", {}, None))
+    if args.listener_processes != 1:
+        receivers = {"PNEUMO_LISTENER_PROCESSES": str(args.listener_processes)}
+        flavours = [(f"{n}-rx{args.listener_processes}", {**e, **receivers}, pg)
+                    for n, e, pg in flavours]  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="pneumo-bench-") as tmp:
         try:

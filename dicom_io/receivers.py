@@ -209,9 +209,17 @@ class ReceivingProcesses:
             while True:
                 try:
                     message = child.conn.recv()
+                    self._handle(child, message)
                 except (EOFError, OSError):
                     break
-                self._handle(child, message)
+                except Exception as exc:  # never leave a child waiting for an answer
+                    log.error(
+                        "report of receiving process %d not handled (%s); restarting it",
+                        child.index,
+                        type(exc).__name__,
+                    )
+                    child.proc.kill()
+                    break
         finally:
             self._child_ended(child)
 

@@ -124,7 +124,9 @@ def experiment_row(name: str, weights: Path, *, saw_test: bool = False) -> dict[
     return {
         "candidate": name,
         "arch": payload["net_config"].get("arch", "pneumonet"),
-        "recipe": {k: cfg.get(k) for k in ("epochs", "shift_prob", "label_smoothing", "mixup")},
+        "recipe": {
+            k: cfg.get(k) for k in ("epochs", "shift_prob", "label_smoothing", "mixup", "equalize")
+        },
         "epochs_run": tr.get("epochs_run"),
         "val_auc": plain.get("roc_auc"),
         "perturbed_val_auc": shifted.get("roc_auc"),
