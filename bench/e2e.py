@@ -36,8 +36,9 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -83,6 +84,23 @@ def make_study(pixels: np.ndarray) -> Dataset:
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.PixelData = pixels.tobytes()
     return ds
+
+
+def instance_record(ds: Dataset, path: Path, calling_aet: str) -> Any:
+    """The ``db.repository.InstanceRecord`` of an instance file a benchmark spooled itself."""
+    from db import repository as repo
+
+    return repo.InstanceRecord(
+        study_uid=str(ds.StudyInstanceUID),
+        series_uid=str(ds.SeriesInstanceUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        path=str(path),
+        size=path.stat().st_size,
+        calling_aet=calling_aet,
+        received_at=datetime.now(UTC),
+    )
 
 
 class Pacs:

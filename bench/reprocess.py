@@ -45,6 +45,7 @@ from e2e import (  # bench/ is not a package: e2e.py is found through sys.path
     Pacs,
     Stack,
     drop_database,
+    instance_record,
     make_study,
     pct,
     queued_times,
@@ -87,20 +88,7 @@ def archive(url: str, spool: Path, pixels: np.ndarray, n: int) -> list[str]:
             path = spool / study_uid / f"{sop_uid}.dcm"
             path.parent.mkdir(parents=True, exist_ok=True)
             ds.save_as(path, enforce_file_format=True)
-            repo.record_instance(
-                session,
-                repo.InstanceRecord(
-                    study_uid=study_uid,
-                    series_uid=str(ds.SeriesInstanceUID),
-                    sop_instance_uid=sop_uid,
-                    sop_class_uid=str(ds.SOPClassUID),
-                    transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                    path=str(path),
-                    size=path.stat().st_size,
-                    calling_aet="MODALITY",
-                    received_at=datetime.now(UTC),
-                ),
-            )
+            repo.record_instance(session, instance_record(ds, path, "MODALITY"))
             uids.append(study_uid)
         session.execute(
             update(Study)

@@ -20,7 +20,6 @@ import argparse
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +35,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-    from e2e import SHARED, make_study, template_pixels
+    from e2e import SHARED, instance_record, make_study, template_pixels
 
     from db import migrate
     from db import repository as repo
@@ -62,20 +61,7 @@ def main() -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(path, enforce_file_format=True)
         with session_scope(url) as session:
-            repo.record_instance(
-                session,
-                repo.InstanceRecord(
-                    study_uid=str(ds.StudyInstanceUID),
-                    series_uid=str(ds.SeriesInstanceUID),
-                    sop_instance_uid=str(ds.SOPInstanceUID),
-                    sop_class_uid=str(ds.SOPClassUID),
-                    transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                    path=str(path),
-                    size=path.stat().st_size,
-                    calling_aet="BENCH",
-                    received_at=datetime.now(UTC),
-                ),
-            )
+            repo.record_instance(session, instance_record(ds, path, "BENCH"))
             queued.append(repo.mark_study_queued(session, str(ds.StudyInstanceUID),
                                                  amended=False))  # fmt: skip
     predictor = load_predictor()
