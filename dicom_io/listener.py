@@ -38,7 +38,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom._uid_dict import UID_dictionary
 from pydicom.dataset import Dataset
@@ -58,6 +58,9 @@ from dicom_io.spool import (
     StoreOutcome,
 )
 from dicom_io.tuning import server_contexts, tune_connection
+
+if TYPE_CHECKING:
+    from dicom_io.receivers import ReceivingProcesses
 
 __all__ = [
     "REFUSAL_STATUS",
@@ -197,7 +200,7 @@ class Listener:
         )
         self._on_instance_stored = on_instance_stored
         self._server: Any = None
-        self._receivers: Any = None  # dicom_io.receivers.ReceivingProcesses when > 1
+        self._receivers: ReceivingProcesses | None = None  # receiving_processes > 1
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._low_space_warned_at = -_WATERMARK_WARN_INTERVAL
@@ -212,7 +215,7 @@ class Listener:
     def port(self) -> int:
         """The bound TCP port (useful when the configuration asked for port 0)."""
         if self._receivers is not None:
-            return int(self._receivers.port)
+            return self._receivers.port
         if self._server is None:
             raise RuntimeError("listener not started")
         return int(self._server.server_address[1])
