@@ -204,7 +204,14 @@ class Listener:
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._low_space_warned_at = -_WATERMARK_WARN_INTERVAL
-        self.stats = {"stored": 0, "duplicate": 0, "replaced": 0, "refused": 0, "failed": 0}
+        self.stats = {
+            "stored": 0,
+            "duplicate": 0,
+            "replaced": 0,
+            "refused": 0,
+            "failed": 0,
+            "process_restarts": 0,  # receiving processes started again (dicom_io.receivers)
+        }
 
     # --- lifecycle ----------------------------------------------------------
     def _open_spool(self) -> Spool:

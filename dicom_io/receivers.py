@@ -24,10 +24,11 @@ becomes a supervisor:
 * the parent recovered the spool's pool before starting any child. A child
   never recovers it (other children are writing there); one SOP Instance UID
   arriving in two children at once is serialised by the spool's lock files;
-* a child that dies is started again. Its unanswered C-STOREs were never
-  acknowledged, so the sender retries them; its open associations are closed
-  in the assembler, so their studies complete by the quiet window. A child
-  whose parent dies stops by itself.
+* a child that dies is started again (:func:`restart_delay`: after 1 s, twice
+  as long each time it dies again within 30 s, at most once a minute). Its
+  unanswered C-STOREs were never acknowledged, so the sender retries them; its
+  open associations are closed in the assembler, so their studies complete by
+  the quiet window. A child whose parent dies stops by itself.
 
 The control protocol is pickled tuples over a private socket pair between a
 process and the children it started (``multiprocessing.connection``).
@@ -60,13 +61,15 @@ from dicom_io.tuning import server_contexts
 if TYPE_CHECKING:
     import ssl
 
-__all__ = ["ReceivingProcesses"]
+__all__ = ["ReceivingProcesses", "restart_delay"]
 
 log = logging.getLogger(__name__)
 
 _READY_TIMEOUT = 60.0  # a child imports pydicom and pynetdicom, then reports ready
 _STOP_TIMEOUT = 15.0
-_RESTART_DELAY = 1.0
+_RESTART_DELAY = 1.0  # before the first restart of a child that ran a while
+_RESTART_DELAY_MAX = 60.0  # a child that keeps dying is started at most once a minute
+_STABLE_AFTER = 30.0  # a child that ran this long restarts at the first delay again
 _BACKLOG = 64
 _ACCEPT_DEFERRAL = 0.003  # seconds per association a child serves already
 
@@ -88,6 +91,7 @@ class _Child:
         self.exit_code: int | None = None  # set when it ended
         self.open_associations: set[int] = set()
         self.stored = 0  # instances reported by this process
+        self.started_at = time.monotonic()
 
 
 class ReceivingProcesses:
@@ -101,6 +105,7 @@ class ReceivingProcesses:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._started = False  # children that die after this are started again
+        self._delays: dict[int, float] = {}  # index -> delay of its last restart
 
     @property
     def port(self) -> int:
@@ -267,19 +272,39 @@ class ReceivingProcesses:
         child.open_associations.clear()
         if self._stopping.is_set() or not self._started:
             return
+        lived = time.monotonic() - child.started_at
+        delay = restart_delay(self._delays.get(child.index), lived)
+        self._delays[child.index] = delay
+        self._listener._count("process_restarts")
         log.error(
-            "receiving process %d (pid %d) exited with code %s; starting it again",
+            "receiving process %d (pid %d) exited with code %s after %.0f s; "
+            "starting it again in %.0f s",
             child.index,
             child.proc.pid,
             code,
+            lived,
+            delay,
         )
         child.conn.close()
-        time.sleep(_RESTART_DELAY)
-        if not self._stopping.is_set():
+        if not self._stopping.wait(delay):
             try:
                 self._spawn(child.index)
             except OSError as exc:
                 log.error("receiving process %d not restarted (%s)", child.index, exc)
+
+
+def restart_delay(previous: float | None, lived: float) -> float:
+    """Seconds to wait before starting again a child that ran ``lived`` seconds.
+
+    The first restart, and any restart of a child that ran at least
+    ``_STABLE_AFTER`` seconds, waits ``_RESTART_DELAY``; a child that keeps dying
+    sooner waits twice as long each time, up to ``_RESTART_DELAY_MAX``, so a
+    crash loop (a full disk, a broken installation) costs little CPU and fills
+    the log slowly while the other children go on receiving.
+    """
+    if previous is None or lived >= _STABLE_AFTER:
+        return _RESTART_DELAY
+    return min(previous * 2.0, _RESTART_DELAY_MAX)
 
 
 # --------------------------------------------------------------------------- child side

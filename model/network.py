@@ -6,7 +6,10 @@ Two trunks behind one interface (``NetConfig.arch``):
   depth, so it trains in well under an hour on a 2-core CPU (``pneumonet-1.0.0``);
 * ``"resnet18"`` / ``"resnet34"`` -- torchvision's ResNets built with
   ``weights=None`` (nothing is ever downloaded) and a 1-channel stem: more
-  capacity, which the shift to ``kermany/test`` rewards (issue 12).
+  capacity, which the shift to ``kermany/test`` rewards (issue 12);
+* ``"efficientnet_b0"`` / ``"densenet121"`` -- torchvision's EfficientNet-B0 and
+  DenseNet-121, likewise from scratch with a 1-channel stem, their feature
+  blocks grouped into four stages at strides 4, 8, 16 and 32.
 
 Either way the model exposes the last convolutional feature map (for Grad-CAM)
 and the pooled penultimate features (for the out-of-distribution guard) besides
@@ -54,16 +57,45 @@ class NetConfig:
         return cls(**d)
 
 
-TORCHVISION_ARCHS = ("resnet18", "resnet34")
+TORCHVISION_ARCHS = ("resnet18", "resnet34", "efficientnet_b0", "densenet121")
 """torchvision trunks we build from scratch (``weights=None``) with a 1-channel stem."""
 
 
 def _torchvision_trunk(arch: str, in_channels: int) -> tuple[nn.Sequential, nn.Sequential]:
-    """(stem, stages) of a randomly initialised torchvision ResNet with ``in_channels`` inputs."""
+    """(stem, stages) of a randomly initialised torchvision network with ``in_channels`` inputs.
+
+    Every trunk ends in four stages at output strides 4, 8, 16 and 32, so the
+    not-a-chest guard's per-stage statistics and Grad-CAM's last map mean the
+    same thing whichever network is inside.
+    """
     import torchvision
 
     if arch not in TORCHVISION_ARCHS:
         raise ValueError(f"arch: unknown architecture {arch!r}")
+    if arch == "efficientnet_b0":
+        eff = torchvision.models.efficientnet_b0(weights=None)
+        f = eff.features
+        first = f[0][0]
+        conv = nn.Conv2d(in_channels, first.out_channels, 3, 2, 1, bias=False)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out")
+        stem = nn.Sequential(conv, *list(f[0])[1:])
+        return stem, nn.Sequential(
+            nn.Sequential(f[1], f[2]),
+            f[3],
+            nn.Sequential(f[4], f[5]),
+            nn.Sequential(f[6], f[7], f[8]),
+        )
+    if arch == "densenet121":
+        dn = torchvision.models.densenet121(weights=None).features
+        conv = nn.Conv2d(in_channels, dn.conv0.out_channels, 7, 2, 3, bias=False)
+        nn.init.kaiming_normal_(conv.weight)
+        stem = nn.Sequential(conv, dn.norm0, dn.relu0, dn.pool0)
+        return stem, nn.Sequential(  # each stage starts with its downsampling, as in a ResNet
+            dn.denseblock1,
+            nn.Sequential(dn.transition1, dn.denseblock2),
+            nn.Sequential(dn.transition2, dn.denseblock3),
+            nn.Sequential(dn.transition3, dn.denseblock4, dn.norm5, nn.ReLU()),
+        )
     tv = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
     conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
     nn.init.kaiming_normal_(conv1.weight, mode="fan_out", nonlinearity="relu")
@@ -106,7 +138,7 @@ class PneumoNet(nn.Module):
             self.stem, self.stages = _torchvision_trunk(config.arch, config.in_channels)
         else:
             self.stem, self.stages = self._own_trunk(config)
-        self.stage_widths = [_out_channels(stage) for stage in self.stages]
+        self.stage_widths = _stage_widths(self.stem, self.stages, config.in_channels)
         self.feature_dim = self.stage_widths[-1]
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(self.feature_dim, 1)
@@ -184,10 +216,23 @@ class PneumoNet(nn.Module):
         return self.forward_with_features(x)[0]
 
 
-def _out_channels(stage: nn.Module) -> int:
-    """Channels a stage outputs: those of its last BatchNorm (main path and shortcut agree)."""
-    bns = [m for m in stage.modules() if isinstance(m, nn.BatchNorm2d)]
-    return int(bns[-1].num_features)
+def _stage_widths(stem: nn.Module, stages: nn.Sequential, in_channels: int) -> list[int]:
+    """Channels each stage outputs, read off one small forward pass (any trunk).
+
+    The pass runs in eval mode under ``no_grad``, so no BatchNorm statistic moves.
+    """
+    was_training = stem.training
+    stem.eval()
+    stages.eval()
+    widths = []
+    with torch.no_grad():
+        h = stem(torch.zeros(1, in_channels, 64, 64))
+        for stage in stages:
+            h = stage(h)
+            widths.append(int(h.shape[1]))
+    stem.train(was_training)
+    stages.train(was_training)
+    return widths
 
 
 def build_network(config: NetConfig | None = None) -> PneumoNet:

@@ -116,7 +116,7 @@ class TrainConfig:
     width: int = 24
     blocks: str = "1,2,2,1"
     dropout: float = 0.2
-    arch: str = "pneumonet"  # or "resnet18"/"resnet34" (torchvision, weights=None)
+    arch: str = "pneumonet"  # or a torchvision trunk (model.network.TORCHVISION_ARCHS)
     shift_prob: float = 0.0  # fraction of training images put through model.shift.perturb
     label_smoothing: float = 0.0  # targets become y * (1 - ls) + ls / 2
     mixup: float = 0.0  # >0: mixup with Beta(mixup, mixup) mixing weights, per batch

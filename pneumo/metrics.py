@@ -98,7 +98,8 @@ def _listener_totals() -> dict[str, int] | None:
 
 
 class ListenerCollector(Collector):
-    """``pneumo_instances_received_total`` / ``_refused_total`` of the registered listeners.
+    """``pneumo_instances_received_total`` / ``_refused_total`` of the registered listeners,
+    and ``pneumo_listener_process_restarts_total``.
 
     ``Listener.stats`` tells a refused data set (invalid UIDs, a deflate bomb:
     ``invalid-data-set``) from one that could not be kept (spool full or
@@ -129,6 +130,11 @@ class ListenerCollector(Collector):
             refused.add_metric([reason], totals.get(key, 0))
         yield received
         yield refused
+        yield CounterMetricFamily(
+            "pneumo_listener_process_restarts",
+            "Receiving processes (PNEUMO_LISTENER_PROCESSES > 1) that died and were started again",
+            value=totals.get("process_restarts", 0),
+        )
 
 
 def _summary(name: str, documentation: str) -> Metric:

@@ -636,7 +636,11 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "width": (int, "channels of the first ResNet stage"),
     "blocks": (str, "residual blocks per stage, comma-separated"),
     "dropout": (float, "dropout before the classifier"),
-    "arch": (str, "network: pneumonet (ours), resnet18 or resnet34 (torchvision, from scratch)"),
+    "arch": (
+        str,
+        "network: pneumonet (ours), or resnet18, resnet34, efficientnet_b0, densenet121"
+        " (torchvision, from scratch)",
+    ),
     "shift_prob": (float, "share of training images given acquisition-like perturbations"),
     "label_smoothing": (float, "label smoothing of the BCE targets"),
     "mixup": (float, ">0: mixup with Beta(a, a) mixing weights"),

@@ -234,3 +234,43 @@ def test_unloadable_tls_fails_the_start_at_once_and_leaves_no_process(tmp_path: 
         listener.start()  # as one process would: the certificate cannot be read
     assert time.monotonic() - t0 < 5
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+
+
+def test_restart_delay_doubles_while_a_child_keeps_dying_and_resets_once_it_ran() -> None:
+    from dicom_io.receivers import restart_delay
+
+    delays = [restart_delay(None, 0.5)]
+    for _ in range(8):
+        delays.append(restart_delay(delays[-1], 0.5))
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+    assert restart_delay(60.0, 45.0) == 1.0  # it ran long enough: a new incident
+
+
+def test_a_crash_looping_child_backs_off_while_the_other_keeps_receiving(
+    make_listener, caplog
+) -> None:
+    caplog.set_level("ERROR", logger="dicom_io.receivers")
+    listener, ready = make_listener(receiving_processes=2)
+    first, other = listener._receivers.pids
+    os.kill(first, signal.SIGKILL)
+    assert eventually(
+        lambda: len(listener._receivers.pids) == 2 and first not in listener._receivers.pids,
+        timeout=20,
+    ), "the killed receiving process was not replaced"
+    [second] = set(listener._receivers.pids) - {other}
+    os.kill(second, signal.SIGKILL)  # dies again at once: a crash loop
+    assert eventually(lambda: second not in listener._receivers.pids, timeout=10)
+
+    # while the dying one waits for its second restart, the other answers every store
+    instance = make_instance(pydicom.uid.generate_uid(), seed=3)
+    assert scu_store(listener.port, [instance]) == [SUCCESS]
+    assert listener._receivers.stored_by_process().get(other) == 1
+    assert eventually(lambda: len(listener._receivers.pids) == 2, timeout=20)
+    assert other in listener._receivers.pids
+    waits = [
+        r.getMessage().rsplit(" in ", 1)[1]
+        for r in caplog.records
+        if r.name == "dicom_io.receivers" and "starting it again" in r.getMessage()
+    ]
+    assert waits == ["1 s", "2 s"]
+    assert listener.stats["process_restarts"] == 2  # pneumo_listener_process_restarts_total

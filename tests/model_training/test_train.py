@@ -152,3 +152,19 @@ def test_equalised_model_records_it_and_serves_through_it(kermany, tmp_path) -> 
     assert not plain.info.equalize
     differ = plain.predict([image, curved])
     assert differ[0].probability != pytest.approx(differ[1].probability, abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "densenet121"])
+def test_other_torchvision_trunks_train_export_and_serve_with_the_guard(
+    arch, kermany, tmp_path
+) -> None:
+    """The capacity levers of the experiment table, through the same training and serving."""
+    config = _tiny_recipe("full", kermany, tmp_path, limit=6, arch=arch)
+    path = run_training(config)
+    payload = read_weights_file(path)
+    assert payload["net_config"]["arch"] == arch
+    pred = Predictor(path)
+    images = [np.random.default_rng(i).random((64, 80), dtype=np.float32) for i in range(2)]
+    out = pred.predict(images)
+    assert all(0.0 <= p.probability <= 1.0 and p.ood_score >= 0.0 for p in out)
+    assert pred.heatmaps(images[:1])[0].shape == (64, 80)

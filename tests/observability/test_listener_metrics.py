@@ -25,6 +25,7 @@ def _expect_listener_counts(text: str) -> None:
     assert value(m, "pneumo_instances_received_total", outcome="replaced") == 0
     assert value(m, "pneumo_instances_refused_total", reason="invalid-data-set") == 1
     assert value(m, "pneumo_instances_refused_total", reason="out-of-resources") == 0
+    assert value(m, "pneumo_listener_process_restarts_total") == 0
 
 
 @pytest.mark.postgres
