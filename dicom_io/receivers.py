@@ -161,8 +161,8 @@ class ReceivingProcesses:
 
     def stop(self) -> None:
         """Stop every child (their open associations are aborted) and close the port."""
-        self._stopping.set()
-        with self._lock:
+        with self._lock:  # a restart racing this stop sees the flag under the same lock
+            self._stopping.set()
             children = list(self._children.values())
         for child in children:
             if child.proc.poll() is None:
@@ -203,6 +203,11 @@ class ReceivingProcesses:
         )
         child = _Child(index, proc, conn)
         with self._lock:
+            if self._stopping.is_set():  # stop() already listed the children: end this one
+                proc.kill()
+                proc.wait()
+                conn.close()
+                return
             self._children[index] = child
         threading.Thread(
             target=self._serve, args=(child,), name=f"pneumo-receiver-{index}", daemon=True

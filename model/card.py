@@ -19,7 +19,8 @@ Each ``--experiment NAME=WEIGHTS[:test]`` adds a row to the card's experiment ta
 (validation and perturbed-validation figures, CPU time) from what that candidate's
 weights file recorded; ``:test`` marks candidates that were scored on ``kermany/test``,
 so the card's log says which ones saw it (issue 12: test is scored once per final
-candidate, and nothing is chosen on it).
+candidate, and nothing is chosen on it). ``--experiments-from CARD.json`` carries an
+earlier card's rows as they were recorded (a later release keeps the history).
 """
 
 from __future__ import annotations
@@ -533,6 +534,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=WEIGHTS[:test]",
         help="a candidate for the experiment table; ':test' if it was scored on kermany/test",
     )
+    p.add_argument(
+        "--experiments-from",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="CARD_JSON",
+        help="carry the experiment rows of an earlier card (its candidates' weights need not exist)",
+    )
     p.add_argument("--out-dir", type=Path)
     args = p.parse_args(argv)
     evaluations = {}
@@ -543,7 +552,11 @@ def main(argv: list[str] | None = None) -> int:
         evaluations[name] = json.loads(Path(file).read_text())
     ood = json.loads(args.ood_check.read_text()) if args.ood_check else None
     adaptation = json.loads(args.adaptation.read_text()) if args.adaptation else None
-    experiments = []
+    experiments = [
+        dict(row)
+        for card in args.experiments_from
+        for row in json.loads(card.read_text()).get("experiments", [])
+    ]
     for spec in args.experiment:
         name, _, file = spec.partition("=")
         if not file:

@@ -92,7 +92,9 @@ class OODModel:
                     "start": g.start,
                     "stop": g.stop,
                     "mean": g.mean.astype(np.float32),
-                    "precision": g.precision.astype(np.float32),
+                    # symmetric: its upper triangle, row by row, is the whole of it
+                    # (EfficientNet-B0's last stage alone would take 26 MB in full)
+                    "precision_upper": g.precision[np.triu_indices(g.mean.size)].astype(np.float32),
                     "scale": float(g.scale),
                 }
                 for g in self.layers
@@ -101,17 +103,31 @@ class OODModel:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OODModel:
+        """The guard a weights file holds (full ``precision`` matrices in files before 2.3.0)."""
         layers = tuple(
             LayerGaussian(
                 int(x["start"]),
                 int(x["stop"]),
                 np.asarray(x["mean"], np.float64),
-                np.asarray(x["precision"], np.float64),
+                _precision(x),
                 float(x["scale"]),
             )
             for x in d["layers"]
         )
         return cls(layers, float(d["threshold"]))
+
+
+def _precision(layer: dict[str, Any]) -> np.ndarray:
+    """A stage's (D, D) precision matrix, from its full form or its packed upper triangle."""
+    if "precision" in layer:
+        return np.asarray(layer["precision"], np.float64)
+    dim = int(layer["stop"]) - int(layer["start"])
+    upper = np.asarray(layer["precision_upper"], np.float64)
+    if upper.shape != (dim * (dim + 1) // 2,):
+        raise ValueError(f"ood: a packed precision of {upper.size} values does not fit {dim}")
+    full = np.zeros((dim, dim))
+    full[np.triu_indices(dim)] = upper
+    return full + np.triu(full, 1).T
 
 
 def _gaussian(x: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:

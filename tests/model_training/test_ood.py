@@ -104,3 +104,34 @@ def test_guard_passes_real_chest_radiographs(shared, other_images, capsys) -> No
                 f"(threshold {pred.info.ood_threshold:.2f}) is_chest={cat.is_chest} "
                 f"p={cat.probability:.3f}"
             )
+
+
+def test_guard_statistics_round_trip_through_the_packed_precision() -> None:
+    """Weights files keep each precision's upper triangle; older files keep the full matrix."""
+    from model.ood import OODModel, fit_ood
+
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(12, 12))  # correlated features: an off-diagonal precision
+    train, val = rng.normal(size=(300, 12)) @ mix, rng.normal(size=(80, 12)) @ mix
+    guard = fit_ood(train, val, [4, 8])
+    probe = np.vstack([val[:5], val[:5] * 4.0])
+    packed = guard.to_dict()
+    assert [x["precision_upper"].shape for x in packed["layers"]] == [(10,), (36,)]
+    assert "precision" not in packed["layers"][0]
+    again = OODModel.from_dict(packed)
+    np.testing.assert_allclose(again.score(probe), guard.score(probe), rtol=1e-5)
+    for g in again.layers:
+        np.testing.assert_array_equal(g.precision, g.precision.T)
+
+    full = {  # a file written before packing (pneumonet-1.0.0 and 2.0.0)
+        **packed,
+        "layers": [
+            {k: v for k, v in x.items() if k != "precision_upper"}
+            | {"precision": g.precision.astype(np.float32)}
+            for x, g in zip(packed["layers"], guard.layers, strict=True)
+        ],
+    }
+    np.testing.assert_allclose(OODModel.from_dict(full).score(probe), guard.score(probe), rtol=1e-5)
+    broken = {**packed, "layers": [{**packed["layers"][0], "stop": 5}]}
+    with pytest.raises(ValueError, match="does not fit"):
+        OODModel.from_dict(broken)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -92,6 +94,19 @@ def test_quick_recipe_on_a_tiny_subset_trains_and_its_checkpoint_loads(kermany, 
     text = render_markdown(card)
     assert "perturbed val AUC" in text and "Candidates scored on kermany/test: quick-tiny." in text
     assert "perturbed-validation sensitivity" in card["calibration"]["threshold_rule"]
+
+    # a later release carries an earlier card's rows, whose weights files may be gone
+    from model.card import main as card_main
+    from tests.paths import REPO
+
+    earlier = REPO / "model" / "weights" / "pneumonet-2.0.0.json"
+    card_main(["--weights", str(path), "--out-dir", str(tmp_path / "card"),
+               "--experiments-from", str(earlier), "--experiment", f"quick-tiny={path}"])  # fmt: skip
+    written = json.loads((tmp_path / "card" / f"{path.stem}.json").read_text())
+    carried = json.loads(earlier.read_text())["experiments"]
+    assert written["experiments"][: len(carried)] == carried
+    assert written["experiments"][-1]["candidate"] == "quick-tiny"
+    assert written["test_log"] == [r["candidate"] for r in carried if r["saw_test"]]
 
 
 def test_torchvision_resnet_without_mirror_tta_exports_and_serves(kermany, tmp_path) -> None:
