@@ -34,9 +34,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from model.guard_check import NON_CHEST_GROUP, GuardOutcome
 from model.inference import NOT_CHEST_CODE, read_weights_file, sha256_file
 
 __all__ = [
+    "GUARD_MAX_PRIMARY_FLAGGED",
+    "GUARD_MIN_NON_CHEST_FLAGGED",
     "INTENDED_USE",
     "LIMITATIONS",
     "METRIC_ORDER",
@@ -44,6 +47,7 @@ __all__ = [
     "TARGETS",
     "build_card",
     "experiment_row",
+    "guard_target_status",
     "main",
     "render_markdown",
     "target_status",
@@ -71,6 +75,11 @@ TARGETS: dict[str, tuple[str, float]] = {
     "ece": ("<=", 0.05),
 }
 PRIMARY_SET = "kermany/test"
+
+#: Issue 12 targets of the not-a-chest guard: at least this many of the decodable
+#: non-chest files of dicom/other flagged, at most this share of the primary set.
+GUARD_MIN_NON_CHEST_FLAGGED = 25
+GUARD_MAX_PRIMARY_FLAGGED = 0.01
 
 INTENDED_USE = (
     "Triage aid for frontal (PA/AP) chest radiographs of children (the training data are "
@@ -136,6 +145,45 @@ def experiment_row(name: str, weights: Path, *, saw_test: bool = False) -> dict[
         "cpu_minutes": round((tr.get("train_seconds") or 0.0) / 60, 1),
         "saw_test": saw_test,
     }
+
+
+def guard_target_status(
+    ood_check: Mapping[str, Any] | None, primary: Mapping[str, Any] | None
+) -> dict[str, dict[str, Any]]:
+    """The guard's targets, as :func:`target_status` states the metrics' (release gates too).
+
+    From a ``model.guard_check`` JSON's rows (files of dicom/other the reader decoded)
+    and the primary evaluation's not-processed count; a target whose input is
+    missing is left out.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    rows = (ood_check or {}).get("rows") or []
+    other = [
+        r
+        for r in rows
+        if r.get("group") == NON_CHEST_GROUP and r.get("outcome") != GuardOutcome.UNREADABLE
+    ]
+    if other:
+        flagged = sum(r.get("outcome") == GuardOutcome.NOT_CHEST for r in other)
+        met = flagged >= GUARD_MIN_NON_CHEST_FLAGGED
+        out[f"dicom/{NON_CHEST_GROUP} non-chest files flagged"] = {
+            "target": f">= {GUARD_MIN_NON_CHEST_FLAGGED} of {len(other)}",
+            "value": flagged,
+            "met": met,
+            "missed_by": None if met else GUARD_MIN_NON_CHEST_FLAGGED - flagged,
+        }
+    if primary and primary.get("n_total"):
+        share = int((primary.get("not_processed") or {}).get(NOT_CHEST_CODE, 0)) / int(
+            primary["n_total"]
+        )
+        met = share <= GUARD_MAX_PRIMARY_FLAGGED
+        out[f"{PRIMARY_SET} radiographs flagged as not a chest"] = {
+            "target": f"<= {GUARD_MAX_PRIMARY_FLAGGED}",
+            "value": round(share, 4),
+            "met": met,
+            "missed_by": None if met else round(share - GUARD_MAX_PRIMARY_FLAGGED, 4),
+        }
+    return out
 
 
 def _guard_lines(
@@ -297,7 +345,8 @@ def build_card(
         "experiments": [dict(row) for row in experiments],
         "test_log": [row["candidate"] for row in experiments if row.get("saw_test")],
         "adaptation": dict(adaptation) if adaptation else None,
-        "targets": target_status(evaluations.get(PRIMARY_SET, {})),
+        "targets": target_status(evaluations.get(PRIMARY_SET, {}))
+        | guard_target_status(ood_check, evals.get(PRIMARY_SET)),
         "limitations": list(LIMITATIONS),
         "notes": list(notes),
     }
@@ -433,11 +482,12 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         extra = f" ({m.get('n_not_processed')} not processed)" if m.get("n_not_processed") else ""
         L.append(f"| {name} | {n}{extra} | " + " | ".join(cells) + " |")
     L.append("")
-    L.append(f"## Targets on {PRIMARY_SET}\n")
+    L.append(f"## Targets on {PRIMARY_SET} and of the not-a-chest guard\n")
     L.append("| metric | target | measured | met |")
     L.append("|---|---|---|---|")
     for name, s in card["targets"].items():
-        val = "n/a" if s["value"] is None else f"{s['value']:.4f}"
+        value = s["value"]
+        val = "n/a" if value is None else (str(value) if isinstance(value, int) else f"{value:.4f}")
         met = (
             "n/a"
             if s["met"] is None

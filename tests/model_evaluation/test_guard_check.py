@@ -114,6 +114,36 @@ def test_cli_json_feeds_the_model_card(tmp_path: Path) -> None:
     assert len(written["rows"]) == 6
     card = build_card(default_weights_path(), {}, ood_check=written)
     assert card["ood_guard"]["check"] == written["summary"]
+    flagged = sum(
+        r["outcome"] == "not-chest-xray" for r in written["rows"] if r["group"] == "other"
+    )
+    assert card["targets"]["dicom/other non-chest files flagged"] == {
+        "target": ">= 25 of 3",  # the release gate: 25 of the shared folder's 28
+        "value": flagged,
+        "met": False,
+        "missed_by": 25 - flagged,
+    }
+
+
+def test_guard_targets_count_decoded_non_chest_files_and_the_primary_share() -> None:
+    from model.card import guard_target_status
+
+    rows = [{"group": "other", "outcome": "not-chest-xray"}] * 25 + [
+        {"group": "other", "outcome": "chest"},
+        {"group": "other", "outcome": "unreadable"},  # not counted
+        {"group": "cxr", "outcome": "chest"},
+    ]
+    primary = {"n_total": 600, "not_processed": {"not-chest-xray": 7}}
+    status = guard_target_status({"rows": rows}, primary)
+    assert status["dicom/other non-chest files flagged"] == {
+        "target": ">= 25 of 26",
+        "value": 25,
+        "met": True,
+        "missed_by": None,
+    }
+    share = status["kermany/test radiographs flagged as not a chest"]
+    assert share == {"target": "<= 0.01", "value": 0.0117, "met": False, "missed_by": 0.0017}
+    assert guard_target_status(None, None) == {}
 
 
 def test_cli_refuses_a_folder_without_dicom(tmp_path: Path) -> None:
