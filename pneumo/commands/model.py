@@ -293,15 +293,28 @@ def _register_model(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
             "Run the not-a-chest-radiograph guard (model.guard_check) over DATA/dicom/cxr "
             "(real chest radiographs, which should pass) and DATA/dicom/other (non-chest "
             "images, which should be flagged); prints one row per file and the counts the "
-            "model card reports (--out writes them as JSON for python -m model.card --ood-check)."
+            "model card reports (--out writes them as JSON for python -m model.card --ood-check). "
+            "--reference runs it on the development non-chest images instead (synthetic and "
+            "package-shipped pictures, no test file), the check a candidate passes before "
+            "any test set is scored; --gate then exits 1 if the guard lets one through."
         ),
     )
-    g.add_argument(
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--data",
-        required=True,
         type=Path,
         metavar="DIR",
         help="folder holding dicom/cxr and dicom/other (e.g. the shared data folder)",
+    )
+    source.add_argument(
+        "--reference",
+        action="store_true",
+        help="the development non-chest images (model.ood.non_chest_reference_images)",
+    )
+    g.add_argument(
+        "--gate",
+        action="store_true",
+        help="exit 1 when a non-chest image passes the guard (a release gate)",
     )
     g.add_argument("--out", type=Path, metavar="FILE", help="write the check as JSON here")
     g.add_argument("--format", choices=("table", "json"), default="table")
@@ -425,11 +438,18 @@ def run_ensemble_check(args: argparse.Namespace) -> int:
 
 def run_guard(args: argparse.Namespace) -> int:
     from dicom_io.pixels import read_luminance_file
-    from model.guard_check import check_guard, shared_dicom_files
+    from model.guard_check import (
+        NON_CHEST_GROUP,
+        REFERENCE_GROUP,
+        GuardOutcome,
+        check_guard,
+        check_reference,
+        shared_dicom_files,
+    )
     from model.inference import WeightsError, load_predictor
 
-    files = shared_dicom_files(args.data)
-    if not any(files.values()):
+    files = {} if args.reference else shared_dicom_files(args.data)
+    if not args.reference and not any(files.values()):
         print(
             f"pneumo model guard: error: no DICOM files under {args.data}/dicom/cxr or /other",
             file=sys.stderr,
@@ -440,12 +460,26 @@ def run_guard(args: argparse.Namespace) -> int:
     except (WeightsError, OSError, ValueError) as exc:
         print(f"pneumo model guard: error: cannot load the model: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    check = check_guard(predictor, files, read_luminance_file)  # colour images too
+    if args.reference:
+        check = check_reference(predictor)
+    else:
+        check = check_guard(predictor, files, read_luminance_file)  # colour images too
     if args.out is not None:
         check.write_json(args.out)
+    passed = [
+        r.file
+        for r in check.rows
+        if r.group in (NON_CHEST_GROUP, REFERENCE_GROUP) and r.outcome is GuardOutcome.CHEST
+    ]
+    status = ExitCode.FAILED if args.gate and passed else ExitCode.OK
+    if status is ExitCode.FAILED:
+        print(
+            f"pneumo model guard: gate failed: {len(passed)} non-chest image(s) pass the guard",
+            file=sys.stderr,
+        )
     if args.format == "json":
         print(json.dumps(check.to_json(), indent=2))
-        return ExitCode.OK
+        return status
     print(f"{'group':6} {'file':44} {'OOD':>7} {'p':>6}  outcome")
     for r in check.rows:
         ood = "" if r.ood_score is None else f"{r.ood_score:.2f}"
@@ -454,7 +488,7 @@ def run_guard(args: argparse.Namespace) -> int:
         print(f"{r.group:6} {r.file[:44]:44} {ood:>7} {prob:>6}  {r.outcome.value}{detail}")
     for label, value in check.summary().items():
         print(f"{label}: {value}")
-    return ExitCode.OK
+    return status
 
 
 # --- evaluate ---------------------------------------------------------------

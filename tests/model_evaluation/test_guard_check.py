@@ -17,7 +17,7 @@ from model.guard_check import GuardOutcome, check_guard, shared_dicom_files
 from model.inference import default_weights_path, load_predictor
 from tests.conftest import need_shared
 from tests.model_evaluation.conftest import CXR_DICOM, OTHER_DICOM
-from tests.paths import REPO
+from tests.paths import REPO, SHARED
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +156,36 @@ def test_cli_refuses_a_folder_without_dicom(tmp_path: Path) -> None:
     )
     assert run.returncode == 2
     assert "no DICOM files" in run.stderr
+
+
+def test_reference_check_flags_every_development_image_and_passes_a_radiograph(predictor) -> None:  # type: ignore[no-untyped-def]
+    from model.guard_check import REFERENCE_GROUP, check_reference
+    from model.images import load_image_file
+    from model.ood import non_chest_reference_images
+
+    check = check_reference(predictor)
+    assert {r.group for r in check.rows} == {REFERENCE_GROUP}
+    assert len(check.rows) == len(non_chest_reference_images())
+    assert check.flagged(REFERENCE_GROUP) == len(check.rows)  # the shipped model's gate
+    summary = check.summary()
+    assert summary["development non-chest images flagged"] == f"{len(check.rows)} of 15"
+    assert summary["development images that pass the guard"] == "none"
+
+    radiograph = sorted(need_shared(SHARED / "kermany" / "test" / "NORMAL").glob("*.jpeg"))[0]
+    (row,) = check_reference(predictor, {"kermany": load_image_file(radiograph)}).rows
+    assert row.outcome is GuardOutcome.CHEST
+
+
+@pytest.mark.parametrize(
+    ("weights", "code"), [("pneumonet-2.0.0.pt", 0), ("pneumonet-1.0.0.pt", 1)]
+)
+def test_reference_gate_fails_a_model_whose_guard_passes_a_development_image(weights, code) -> None:
+    """scripts/model-release runs this before kermany/test; 1.0.0 passes one photograph."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pneumo.cli", "model", "guard", "--reference", "--gate",
+         "--model", str(REPO / "model" / "weights" / weights)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == code, run.stderr
+    assert ("gate failed: 1 non-chest image(s) pass the guard" in run.stderr) == bool(code)
+    assert "development non-chest images flagged: " + ("14" if code else "15") in run.stdout
