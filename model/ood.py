@@ -103,7 +103,7 @@ class OODModel:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OODModel:
-        """The guard a weights file holds (full ``precision`` matrices in files before 2.3.0)."""
+        """The guard a weights file holds (pneumonet-1.0.0 and 2.0.0 hold full ``precision``)."""
         layers = tuple(
             LayerGaussian(
                 int(x["start"]),
