@@ -192,12 +192,7 @@ class Listener:
     ) -> None:
         self.config = config
         self.spool = self._open_spool()
-        self.assembler: AssemblySink = StudyAssembler(
-            self.spool,
-            on_study_ready,
-            quiet_seconds=config.study_quiet_seconds,
-            release_grace_seconds=config.study_release_grace_seconds,
-        )
+        self.assembler = self._make_assembler(on_study_ready)
         self._on_instance_stored = on_instance_stored
         self._server: Any = None
         self._receivers: ReceivingProcesses | None = None  # receiving_processes > 1
@@ -217,6 +212,15 @@ class Listener:
     def _open_spool(self) -> Spool:
         """The spool this process writes to; the listener owns (and recovers) its pool."""
         return Spool(self.config.spool_dir, max_inflated_bytes=self.config.max_inflated_bytes)
+
+    def _make_assembler(self, on_study_ready: Callable[[ReadyStudy], None]) -> AssemblySink:
+        """What the C-STORE handlers report to: this process's study assembler."""
+        return StudyAssembler(
+            self.spool,
+            on_study_ready,
+            quiet_seconds=self.config.study_quiet_seconds,
+            release_grace_seconds=self.config.study_release_grace_seconds,
+        )
 
     @property
     def port(self) -> int:

@@ -45,6 +45,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
@@ -52,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_io.assembly import JournalWriteError, ReadyStudy
+from dicom_io.assembly import AssemblySink, JournalWriteError, ReadyStudy
 from dicom_io.config import ListenerConfig
 from dicom_io.listener import Listener, build_ssl_context
 from dicom_io.spool import Spool, StoreOutcome, StoreResult
@@ -400,7 +401,9 @@ class _Receiver(Listener):
         self._control = control
         self._adopted = sock
         super().__init__(config, on_study_ready=_never_called)
-        self.assembler = _AssemblerProxy(control)
+
+    def _make_assembler(self, on_study_ready: Callable[[ReadyStudy], None]) -> AssemblySink:
+        return _AssemblerProxy(self._control)  # the parent assembles
 
     def _open_spool(self) -> Spool:
         return Spool(

@@ -221,8 +221,9 @@ class _ProcessLocks:
     """``flock`` on :data:`_LOCK_BUCKETS` lock files, shared by this process's threads.
 
     The lock files are opened on the first write and kept open (64
-    descriptors, closed when the spool is collected). ``flock`` locks belong to an open file, not a thread, so the
-    threads of one process share each bucket: the first to enter locks the
+    descriptors, closed when the spool is collected). ``flock`` locks belong
+    to an open file, not a thread, so the threads of one process share each
+    bucket: the first to enter locks the
     file, the last to leave unlocks it. Threads with *the same* UID are kept
     apart by the spool's per-UID locks; these keep processes apart. The
     kernel releases a dead holder's locks.

@@ -19,10 +19,10 @@ before), the association reactor in a blocking ``get`` on its message queue
 (at most 10 ms, then it checks for release, abort and timeouts as before).
 
 C-STORE responses: pynetdicom builds each response's command set as a pydicom
-data set and encodes it, per instance received. :func:`encode_store_response` writes the same bytes directly
-for the common response, a status with no Offending Element or Error Comment,
-and :func:`tune_connection` sends it through the DUL as pynetdicom would;
-anything else takes pynetdicom's path.
+data set and encodes it, per instance received. :func:`encode_store_response`
+writes the same bytes directly for the common response, a status with no
+Offending Element or Error Comment, and :func:`tune_connection` sends it
+through the DUL as pynetdicom would; anything else takes pynetdicom's path.
 """
 
 from __future__ import annotations
