@@ -59,6 +59,7 @@ __all__ = [
     "commit",
     "fsync_dir",
     "make_private_dirs",
+    "remove_unused_pool_files",
     "rename_pooled",
     "sync_dir",
     "write_atomic",
@@ -241,6 +242,9 @@ class FilePool:
     creates the next batch, and a :meth:`take` finding the pool empty creates
     one itself. Only files this object created are handed out: files found in
     the folder (a previous run's) are the owner's to recover, never reused.
+    Each name starts with the creating process's id (``<pid>-<random>.pool``),
+    so the files a process that died never used can be told apart and removed
+    (:func:`remove_unused_pool_files`) while other processes share the folder.
     """
 
     def __init__(self, folder: Path, *, batch: int = 64, low_water: int = 16) -> None:
@@ -294,7 +298,7 @@ class FilePool:
             names: list[Path] = []
             try:
                 for _ in range(self.batch):
-                    path = self.folder / f"{uuid.uuid4().hex}{POOL_SUFFIX}"
+                    path = self.folder / f"{os.getpid()}-{uuid.uuid4().hex}{POOL_SUFFIX}"
                     fd = os.open(
                         path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE
                     )
@@ -333,6 +337,36 @@ class FilePool:
         finally:
             with self._lock:
                 self._refilling = False
+
+
+def remove_unused_pool_files(folder: Path, pid: int) -> int:
+    """Remove the empty pool files that process ``pid``, now ended, created; return how many.
+
+    A process that dies leaves the files of its :class:`FilePool` it never
+    wrote. An empty file holds nothing that was acknowledged, so it goes; a
+    written one (an instance whose rename the death may have interrupted)
+    stays for the owner's start-up recovery to judge. Call it only once
+    ``pid`` has been reaped: a live process may be writing its files.
+
+    Raises:
+        OSError: the folder cannot be listed or flushed, or a file removed.
+    """
+    prefix = f"{pid}-"
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(POOL_SUFFIX)):
+            continue
+        if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_size == 0:
+            os.unlink(entry.path)
+            removed += 1
+    if removed:
+        fsync_dir(Path(folder))
+    return removed
 
 
 def write_pooled(pool: FilePool, parts: Sequence[Chunk]) -> tuple[Path, int]:

@@ -28,7 +28,9 @@ becomes a supervisor:
   as long each time it dies again within 30 s, at most once a minute). Its
   unanswered C-STOREs were never acknowledged, so the sender retries them; its
   open associations are closed in the assembler, so their studies complete by
-  the quiet window. A child whose parent dies stops by itself.
+  the quiet window, and the empty files of its pool are removed (a written
+  one stays for the next start's recovery). A child whose parent dies stops
+  by itself.
 
 The control protocol is pickled tuples over a private socket pair between a
 process and the children it started (``multiprocessing.connection``).
@@ -55,6 +57,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_io.assembly import AssemblySink, JournalWriteError, ReadyStudy
 from dicom_io.config import ListenerConfig
+from dicom_io.durable import remove_unused_pool_files
 from dicom_io.listener import Listener, build_ssl_context
 from dicom_io.spool import Spool, StoreOutcome, StoreResult
 from dicom_io.tuning import server_contexts
@@ -276,6 +279,14 @@ class ReceivingProcesses:
         for key in sorted(child.open_associations):
             self._listener.assembler.association_closed(key)
         child.open_associations.clear()
+        try:  # its pool's unused files, which no other process will take
+            remove_unused_pool_files(self._listener.spool.pool_dir, child.proc.pid)
+        except OSError as exc:  # they stay for the next start's recovery
+            log.warning(
+                "unused pool files of receiving process %d not removed (%s)",
+                child.index,
+                exc.strerror,
+            )
         if self._stopping.is_set() or not self._started:
             return
         lived = time.monotonic() - child.started_at

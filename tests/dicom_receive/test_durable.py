@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +23,8 @@ from tests.dicom_receive.dicom_receive_helpers import (
     eventually,
     make_instance,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _mode(path: Path) -> int:
@@ -223,6 +227,32 @@ def test_file_pool_hands_out_empty_private_files_and_refills_in_the_background(t
     # 2 left, below the low-water mark of 3: a background thread adds a batch.
     assert eventually(lambda: len(pool) == 2 + 8)
     assert len(list((tmp_path / "pool").iterdir())) == 6 + 10
+
+
+def test_unused_pool_files_of_an_ended_process_are_removed_and_nothing_else(tmp_path):
+    folder = tmp_path / "pool"
+    ours = durable.FilePool(folder, batch=4, low_water=0)
+    ours.fill()
+    used = ours.take()
+    used.write_bytes(b"written, not yet renamed")
+    # Another process's pool in the same folder: a real child fills it and exits.
+    code = (
+        "import sys; from pathlib import Path; from dicom_io import durable; "
+        "durable.FilePool(Path(sys.argv[1]), batch=3, low_water=0).fill()"
+    )
+    subprocess.run([sys.executable, "-c", code, str(folder)], cwd=REPO, check=True)
+    mine = {p.name for p in folder.iterdir() if p.name.startswith(f"{os.getpid()}-")}
+    theirs = set(p.name for p in folder.iterdir()) - mine
+    assert len(mine) == 4 and len(theirs) == 3  # names say which process made them
+    (folder / "other.part").write_bytes(b"")  # not a pool file
+    dead = int(next(iter(theirs)).split("-", 1)[0])
+
+    assert durable.remove_unused_pool_files(folder, dead) == 3
+    assert {p.name for p in folder.iterdir()} == mine | {"other.part"}
+    # Only empty files go: the written one stays for start-up recovery.
+    assert durable.remove_unused_pool_files(folder, os.getpid()) == 3
+    assert sorted(folder.iterdir()) == sorted([used, folder / "other.part"])
+    assert durable.remove_unused_pool_files(tmp_path / "missing", dead) == 0
 
 
 def test_file_pool_batches_share_one_folder_flush(tmp_path, monkeypatch):

@@ -274,3 +274,30 @@ def test_a_crash_looping_child_backs_off_while_the_other_keeps_receiving(
     ]
     assert waits == ["1 s", "2 s"]
     assert listener.stats["process_restarts"] == 2  # pneumo_listener_process_restarts_total
+
+
+def test_a_dead_childs_unused_pool_files_are_removed_and_the_others_kept(make_listener) -> None:
+    listener, ready = make_listener(receiving_processes=2)
+    pool_dir = listener.spool.pool_dir
+    # Each child fills its pool on its first write: store until both have written.
+    for seed in range(40):
+        instance = make_instance(pydicom.uid.generate_uid(), seed=seed)
+        assert scu_store(listener.port, [instance]) == [SUCCESS]
+        if all(listener._receivers.stored_by_process().values()):
+            break
+    stored = listener._receivers.stored_by_process()
+    assert all(stored.values()), f"every store went to one child: {stored}"
+    victim, survivor = stored
+
+    def unused(pid: int) -> list[Path]:
+        return [p for p in pool_dir.glob(f"{pid}-*.pool") if p.stat().st_size == 0]
+
+    assert unused(victim) and unused(survivor)  # names tell whose files they are
+    written = pool_dir / f"{victim}-{'0' * 32}.pool"  # as if it died between write and rename
+    written.write_bytes(b"not empty")
+    os.kill(victim, signal.SIGKILL)
+    assert eventually(lambda: victim not in listener._receivers.pids, timeout=20)
+    assert eventually(lambda: not unused(victim), timeout=10), "the dead child's files stayed"
+    assert written.exists()  # a written file is the next start's recovery to judge
+    assert unused(survivor)  # the living child's files are its own
+    assert eventually(lambda: len(listener._receivers.pids) == 2, timeout=20)
