@@ -44,7 +44,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, convert_color_space
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut
 from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
@@ -152,9 +152,11 @@ def read_luminance_file(
     For analysis, not for serving: the pipeline refuses colour images
     (:attr:`PixelErrorKind.NOT_MONOCHROME`) before the model sees them; this
     reader lets the not-a-chest guard be checked on them too (``pneumo model
-    guard``, the model card, the notebook). YBR is converted to RGB, a palette
-    through its lookup table, then ITU-R BT.601 luma; the first frame, stretched
-    to [0, 1].
+    guard``, the model card, the notebook). pydicom's decoders hand YBR data
+    over as RGB already (YBR_FULL and YBR_FULL_422 converted by pydicom, the
+    JPEG 2000 colour transforms YBR_ICT and YBR_RCT undone by the decoder), a
+    palette goes through its lookup table; then ITU-R BT.601 luma of the first
+    frame, stretched to [0, 1].
 
     Raises:
         PixelReadError: as :func:`read_pixels_file`, for anything but colour.
@@ -170,10 +172,7 @@ def read_luminance_file(
         arr = ds.pixel_array
         if _int(ds, "NumberOfFrames", 1) > 1:
             arr = arr[0]
-        photometric = str(ds.PhotometricInterpretation)
-        if photometric.startswith("YBR"):
-            arr = convert_color_space(arr, photometric, "RGB")
-        elif photometric == "PALETTE COLOR":
+        if str(ds.PhotometricInterpretation) == "PALETTE COLOR":
             arr = apply_color_lut(arr, ds)
             arr = arr / max(float(arr.max()), 1.0) * 255
         out = np.asarray(arr, dtype=np.float32)

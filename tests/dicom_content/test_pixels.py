@@ -341,3 +341,23 @@ def test_error_kind_is_the_enum_and_messages_quote_no_header_value() -> None:
     assert PixelReadError("truncated").kind is PixelErrorKind.TRUNCATED
     with pytest.raises(ValueError):
         PixelReadError("no-such-kind")
+
+
+def test_luminance_of_one_picture_in_rgb_ybr_and_jpeg_2000_colour() -> None:
+    """pydicom hands YBR data over as RGB already: converting it again skewed the luma."""
+    from dicom_io.pixels import read_luminance_file
+
+    other = DICOM_DATA / "other"
+    rgb = read_luminance_file(other / "SC_rgb.dcm")
+    for same_picture in ("SC_ybr_full_uncompressed.dcm", "SC_rgb_jpeg_dcmtk.dcm"):
+        ybr = read_luminance_file(other / same_picture)
+        assert ybr.shape == rgb.shape
+        assert float(np.abs(ybr - rgb).max()) <= 3 / 255, same_picture
+    # JPEG 2000 with the irreversible colour transform: the decoder undoes it.
+    us = read_luminance_file(other / "US1_J2KI.dcm")
+    assert us.shape == (480, 640) and us.dtype == np.float32
+    assert 0.0 <= float(us.min()) and float(us.max()) == 1.0
+    # Serving still refuses colour: the luminance reader is for the guard's check only.
+    with pytest.raises(PixelReadError) as refused:
+        read_pixels_file(other / "US1_J2KI.dcm")
+    assert refused.value.kind is PixelErrorKind.NOT_MONOCHROME
