@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from model.guard_check import NON_CHEST_GROUP, GuardOutcome
+from model.guard_check import NON_CHEST_GROUP, GuardCheck
 from model.inference import NOT_CHEST_CODE, read_weights_file, sha256_file
 
 __all__ = [
@@ -157,14 +157,10 @@ def guard_target_status(
     missing is left out.
     """
     out: dict[str, dict[str, Any]] = {}
-    rows = (ood_check or {}).get("rows") or []
-    other = [
-        r
-        for r in rows
-        if r.get("group") == NON_CHEST_GROUP and r.get("outcome") != GuardOutcome.UNREADABLE
-    ]
+    check = GuardCheck.from_json(ood_check or {})
+    other = check.decoded(NON_CHEST_GROUP)
     if other:
-        flagged = sum(r.get("outcome") == GuardOutcome.NOT_CHEST for r in other)
+        flagged = check.flagged(NON_CHEST_GROUP)
         met = flagged >= GUARD_MIN_NON_CHEST_FLAGGED
         out[f"dicom/{NON_CHEST_GROUP} non-chest files flagged"] = {
             "target": f">= {GUARD_MIN_NON_CHEST_FLAGGED} of {len(other)}",

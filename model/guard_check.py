@@ -94,19 +94,26 @@ class GuardCheck:
         """How many decoded files of ``group`` the guard flagged as not a chest radiograph."""
         return sum(r.outcome is GuardOutcome.NOT_CHEST for r in self.decoded(group))
 
+    def passed(self, *groups: str) -> list[str]:
+        """The files of ``groups`` the guard let through as chest radiographs, sorted."""
+        return sorted(
+            r.file for g in groups for r in self.decoded(g) if r.outcome is GuardOutcome.CHEST
+        )
+
     def summary(self) -> dict[str, str]:
         """The card's lines: ``{label: value}`` (``model.card`` prints them as a list)."""
         out: dict[str, str] = {"guard threshold": f"{self.threshold:.3f}"}
         other = self.decoded(NON_CHEST_GROUP)
         if other:
-            passed = sorted(r.file for r in other if r.outcome is GuardOutcome.CHEST)
             out[f"dicom/{NON_CHEST_GROUP} decodable non-chest flagged"] = (
                 f"{self.flagged(NON_CHEST_GROUP)} of {len(other)}"
             )
             out[f"dicom/{NON_CHEST_GROUP} non-chest scored p >= 0.5 before the guard"] = (
                 f"{sum((r.probability or 0.0) >= 0.5 for r in other)} of {len(other)}"
             )
-            out[f"dicom/{NON_CHEST_GROUP} files that pass the guard"] = ", ".join(passed) or "none"
+            out[f"dicom/{NON_CHEST_GROUP} files that pass the guard"] = (
+                ", ".join(self.passed(NON_CHEST_GROUP)) or "none"
+            )
         chest = self.decoded(CHEST_GROUP)
         if chest:
             out["real chest radiograph DICOMs flagged (should pass)"] = (
@@ -117,11 +124,12 @@ class GuardCheck:
             out[f"animal chest radiograph {r.file}"] = f"ood_score {r.ood_score:.2f}, {verdict}"
         reference = self.decoded(REFERENCE_GROUP)
         if reference:
-            passed = sorted(r.file for r in reference if r.outcome is GuardOutcome.CHEST)
             out["development non-chest images flagged"] = (
                 f"{self.flagged(REFERENCE_GROUP)} of {len(reference)}"
             )
-            out["development images that pass the guard"] = ", ".join(passed) or "none"
+            out["development images that pass the guard"] = (
+                ", ".join(self.passed(REFERENCE_GROUP)) or "none"
+            )
         unreadable = [r for r in self.rows if r.outcome is GuardOutcome.UNREADABLE]
         if unreadable:
             out["files the reader could not decode (not counted)"] = str(len(unreadable))
@@ -131,6 +139,22 @@ class GuardCheck:
         """``summary`` plus every row, JSON-ready (``outcome`` as its value)."""
         rows = [asdict(r) | {"outcome": r.outcome.value} for r in self.rows]
         return {"threshold": self.threshold, "summary": self.summary(), "rows": rows}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> GuardCheck:
+        """A check back from :meth:`to_json`'s form (``summary`` is derived, not read)."""
+        rows = tuple(
+            GuardRow(
+                str(r["group"]),
+                str(r.get("file", "")),
+                GuardOutcome(r["outcome"]),
+                r.get("ood_score"),
+                r.get("probability"),
+                str(r.get("detail", "")),
+            )
+            for r in data.get("rows") or ()
+        )
+        return cls(float(data.get("threshold", float("nan"))), rows)
 
     def write_json(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

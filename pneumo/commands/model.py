@@ -441,7 +441,6 @@ def run_guard(args: argparse.Namespace) -> int:
     from model.guard_check import (
         NON_CHEST_GROUP,
         REFERENCE_GROUP,
-        GuardOutcome,
         check_guard,
         check_reference,
         shared_dicom_files,
@@ -466,11 +465,7 @@ def run_guard(args: argparse.Namespace) -> int:
         check = check_guard(predictor, files, read_luminance_file)  # colour images too
     if args.out is not None:
         check.write_json(args.out)
-    passed = [
-        r.file
-        for r in check.rows
-        if r.group in (NON_CHEST_GROUP, REFERENCE_GROUP) and r.outcome is GuardOutcome.CHEST
-    ]
+    passed = check.passed(NON_CHEST_GROUP, REFERENCE_GROUP)
     status = ExitCode.FAILED if args.gate and passed else ExitCode.OK
     if status is ExitCode.FAILED:
         print(

@@ -13,7 +13,7 @@ import pytest
 
 from dicom_io.pixels import read_luminance_file
 from model.card import build_card
-from model.guard_check import GuardOutcome, check_guard, shared_dicom_files
+from model.guard_check import GuardCheck, GuardOutcome, check_guard, shared_dicom_files
 from model.inference import default_weights_path, load_predictor
 from tests.conftest import need_shared
 from tests.model_evaluation.conftest import CXR_DICOM, OTHER_DICOM
@@ -85,6 +85,8 @@ def test_summary_counts_the_rows(predictor, tmp_path: Path) -> None:  # type: ig
         f"{check.flagged('cxr')} of 2"
     )
     assert check.flagged("cxr") == 0  # real chest radiographs pass
+    assert check.passed("cxr") == sorted(r.file for r in check.decoded("cxr"))
+    assert GuardCheck.from_json(check.to_json()) == check  # what the card reads back
 
 
 def test_cli_json_feeds_the_model_card(tmp_path: Path) -> None:
