@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = ["LayerGaussian", "OODModel", "fit_ood", "non_chest_reference_images"]
 
@@ -37,8 +38,16 @@ class LayerGaussian:
     scale: float  # normaliser: validation quantile of this stage's raw score
 
     def raw_score(self, features: np.ndarray) -> np.ndarray:
-        f = np.asarray(features, dtype=np.float64)[:, self.start : self.stop] - self.mean
-        result: np.ndarray = np.einsum("nd,de,ne->n", f, self.precision, f) / self.mean.size
+        """Squared Mahalanobis distance of each row over this stage's slice, per dimension."""
+        f = torch.as_tensor(
+            np.asarray(features, dtype=np.float64)[:, self.start : self.stop] - self.mean
+        )
+        # (f P) row-wise dot f as one matrix product. A three-operand einsum loops
+        # without BLAS (1.7 ms per image at the 1024-wide stage); numpy's own BLAS
+        # starts a thread pool of its own that fights torch's for the cores (a
+        # batch-1 predict() took 2.5x as long), so the product runs in torch.
+        product = (f @ torch.as_tensor(self.precision)) * f
+        result: np.ndarray = product.sum(dim=1).numpy() / self.mean.size
         return result
 
 

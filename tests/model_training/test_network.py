@@ -17,12 +17,14 @@ def test_every_trunk_has_four_stages_down_to_stride_32_and_a_one_channel_stem(ar
     with torch.no_grad():
         logits, ood, fmap = net.forward_ood_with_map(x)
         h = net.stem(x)
-        sides = []
+        sides, stats = [], []
         for stage, width in zip(net.stages, net.stage_widths, strict=True):
             h = stage(h)
             assert h.shape[1] == width  # the widths the guard's statistics are laid out by
             sides.append((x.shape[2] // h.shape[2], x.shape[3] // h.shape[3]))
+            stats += [h.mean(dim=(2, 3)), h.flatten(2).std(dim=2)]  # torch's own, as fitted
     assert sides == [(4, 4), (8, 8), (16, 16), (32, 32)]
+    torch.testing.assert_close(ood, torch.cat(stats, dim=1), rtol=1e-5, atol=1e-6)
     assert logits.shape == (2,) and fmap.shape == (2, net.feature_dim, 3, 4)
     assert ood.shape == (2, sum(net.ood_layer_dims()))
     first_conv = next(m for m in net.modules() if isinstance(m, nn.Conv2d))

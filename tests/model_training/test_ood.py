@@ -140,3 +140,18 @@ def test_guard_statistics_round_trip_through_the_packed_precision() -> None:
     broken = {**packed, "layers": [{**packed["layers"][0], "stop": 5}]}
     with pytest.raises(ValueError, match="does not fit"):
         OODModel.from_dict(broken)
+
+
+def test_stage_score_is_the_squared_mahalanobis_distance_per_dimension() -> None:
+    """Each row's score is (x - mean)^T P (x - mean) / D, whatever the batch around it."""
+    from model.ood import LayerGaussian
+
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(6, 6))
+    precision = a @ a.T + np.eye(6)  # symmetric positive definite, off-diagonal terms
+    g = LayerGaussian(2, 8, rng.normal(size=6), precision, 1.0)
+    rows = rng.normal(size=(5, 10))
+    expected = [float((r[2:8] - g.mean) @ precision @ (r[2:8] - g.mean)) / 6 for r in rows]
+    np.testing.assert_allclose(g.raw_score(rows), expected, rtol=1e-12)
+    np.testing.assert_allclose(g.raw_score(rows[3:4]), expected[3:4], rtol=1e-12)
+    assert g.raw_score(np.zeros((0, 10))).shape == (0,)
