@@ -8,11 +8,12 @@ For batch sizes 1, 8 and 32 it times
   (a typical DX/CR after ``dicom_io`` decoding), and
 * ``forward``: the bare ``torch`` forward of the same network (``predictor.net``)
   on random tensors of the input size, in ``inference_mode``; and the same on
-  twice the batch ("x2"), because ``predict`` runs every image and its mirror
-  (test-time augmentation), so "vs x2" isolates the serving overhead from
-  that design choice,
+  twice the batch ("x2"): the work of a model whose weights file asks for
+  mirror test-time augmentation (pneumonet-1.0.0; 2.0.0 does not), or of a
+  two-member ensemble, so "vs x2" tells what such a model would cost,
 
-and prints images/s and the ratio predict / forward (target >= 0.7). It then
+and prints images/s and the ratio predict / forward (issue 11's target: at
+least 0.8; issue 12's: at least 50 images/s from ``predict`` at batch 8). It then
 starts a fresh process that loads the model and predicts one batch of 32, and
 reports that process's peak RSS.
 
