@@ -45,7 +45,11 @@ _LEVELS = 256  # grey levels of the equalisation histogram (8-bit JPEG and DICOM
 
 
 def _as_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Validate a 2-D image and return it as a float32 tensor clipped to [0, 1]."""
+    """Validate a 2-D image and return it as a float32 tensor clipped to [0, 1].
+
+    The result may share memory with ``image`` (when it is float32 already in
+    [0, 1]): it is read, never modified in place.
+    """
     t = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
     if t.ndim != 2:
         raise ValueError(f"expected a 2-D grayscale image, got shape {tuple(t.shape)}")
@@ -53,9 +57,15 @@ def _as_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
         raise ValueError(f"image too small for the model: {tuple(t.shape)}")
     if t.dtype == torch.uint8:  # convenience: 8-bit images map 0..255 to [0, 1]
         return t.to(torch.float32) / 255.0
+    t = t.to(torch.float32)
+    lo, hi = torch.aminmax(t)  # one read-only pass; NaN anywhere makes both NaN
+    if lo >= 0.0 and hi <= 1.0:
+        # The usual case (dicom_io and the JPEG reader give [0, 1]): the image as it
+        # is, shared with the caller, so callers must not modify it in place.
+        return t
     # A new tensor (the caller's array is never changed); +-inf clamp to 1 and 0.
-    t = t.to(torch.float32).clamp(0.0, 1.0)
-    if torch.isnan(t).any():  # rare: one check is cheaper than rewriting every pixel
+    t = t.clamp(0.0, 1.0)
+    if torch.isnan(t).any():
         t = torch.nan_to_num_(t, nan=0.0)
     return t
 

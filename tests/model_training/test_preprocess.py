@@ -54,6 +54,26 @@ def test_non_finite_pixels_map_to_black_and_white_and_the_input_is_untouched() -
     assert torch.equal(torch.isnan(tensor), torch.from_numpy(np.isnan(before)))
 
 
+def test_an_image_already_in_range_is_read_not_copied_and_never_written() -> None:
+    """The usual input skips the clamp; the output still owns its memory."""
+    from model.preprocess import resize_to_input
+
+    rng = np.random.default_rng(3)
+    image = rng.random((64, 64), dtype=np.float32)
+    before = image.copy()
+    same = resize_to_input(image, size=64)
+    same.fill_(7.0)  # the result is the caller's to change: a copy at the input size
+    np.testing.assert_array_equal(image, before)
+    # Resizing gives what the clamping path gives on the same values.
+    wide = np.hstack([image, image])
+    shifted = wide.copy()
+    shifted[0, 0] = 1.5  # out of range: the clamping path, with the pixel at 1.0
+    clamped = wide.copy()
+    clamped[0, 0] = 1.0
+    torch.testing.assert_close(resize_to_input(shifted, size=32), resize_to_input(clamped, size=32))
+    np.testing.assert_array_equal(wide[:, :64], before)
+
+
 def test_batch_equals_stacked_tensors() -> None:
     rng = np.random.default_rng(2)
     imgs = [rng.random((100 + 10 * i, 120), dtype=np.float32) for i in range(3)]
