@@ -374,7 +374,7 @@ class Listener:
         context = event.context
         calling = str(event.assoc.requestor.ae_title).strip()
         if not self._space_ok():
-            self._count("failed")
+            self.count_event("failed")
             log.error("spool below free-space reserve: refusing C-STORE (0xA700)")
             return _status(STATUS_OUT_OF_RESOURCES, "spool free space below reserve")
         try:
@@ -386,17 +386,17 @@ class Listener:
                 calling_aet=calling,
             )
         except SpoolRefusal as exc:
-            self._count("refused")
+            self.count_event("refused")
             code = REFUSAL_STATUS[exc.kind]
             # The message names attributes only; never values (may be PHI).
             log.warning("C-STORE from %s refused (0x%04X): %s", calling, code, exc)
             return _status(code, str(exc))
         except SpoolWriteError as exc:
-            self._count("failed")
+            self.count_event("failed")
             log.error("C-STORE from %s not stored (0xA700): %s", calling, exc)
             return _status(STATUS_OUT_OF_RESOURCES, "spool write failed")
         except Exception as exc:  # never let a bug become a false Success
-            self._count("failed")
+            self.count_event("failed")
             # Type only at ERROR: exception texts from parsers may quote values.
             log.error("C-STORE from %s failed unexpectedly (%s)", calling, type(exc).__name__)
             log.debug("C-STORE failure details", exc_info=True)
@@ -408,7 +408,7 @@ class Listener:
             # The file is durable but the journal does not say the study is
             # pending: no Success, so the sender retries and the retry
             # rewrites the journal (recovery would find the file too).
-            self._count("failed")
+            self.count_event("failed")
             log.error("C-STORE from %s not acknowledged: journal write failed", calling)
             return _status(STATUS_OUT_OF_RESOURCES, "study journal write failed")
         except Exception as exc:  # instance is durable; recovery will find it
@@ -417,14 +417,18 @@ class Listener:
                 result.instance.study_uid,
                 type(exc).__name__,
             )
-        self._count({"new": "stored"}.get(result.outcome.value, result.outcome.value))
+        self.count_event({"new": "stored"}.get(result.outcome.value, result.outcome.value))
         # An identical duplicate changes nothing, so it is not reported again.
         if result.outcome is not StoreOutcome.DUPLICATE:
-            self._report_stored(result.instance)
+            self.report_stored(result.instance)
         return STATUS_SUCCESS
 
-    def _report_stored(self, instance: SpooledInstance) -> None:
-        """Hand a new or replaced instance to ``on_instance_stored`` (errors logged)."""
+    def report_stored(self, instance: SpooledInstance) -> None:
+        """Hand a new or replaced instance to ``on_instance_stored`` (errors logged).
+
+        Called for each instance this listener stores, and by
+        :mod:`dicom_io.receivers` for those its receiving processes store.
+        """
         if self._on_instance_stored is None:
             return
         try:
@@ -436,7 +440,12 @@ class Listener:
                 type(exc).__name__,
             )
 
-    def _count(self, key: str) -> None:
+    def count_event(self, key: str) -> None:
+        """Add one to ``stats[key]`` (thread-safe).
+
+        :mod:`dicom_io.receivers` counts what its receiving processes report
+        through it.
+        """
         with self._lock:
             self.stats[key] += 1
 

@@ -258,7 +258,7 @@ class ReceivingProcesses:
             child.stored += 1  # before the answer: whoever got Success can count on it
             child.conn.send(reply)
             if reply != _JOURNAL_FAILED and result.outcome is not StoreOutcome.DUPLICATE:
-                listener._report_stored(result.instance)
+                listener.report_stored(result.instance)
         elif kind == "released":
             assembler.association_released(self._key(child, message[1]))
         elif kind == "closed":
@@ -266,7 +266,7 @@ class ReceivingProcesses:
             child.open_associations.discard(key)
             assembler.association_closed(key)
         elif kind == "count":
-            listener._count(message[1])
+            listener.count_event(message[1])
         elif kind == "log":
             record: logging.LogRecord = message[1]
             logging.getLogger(record.name).handle(record)
@@ -292,7 +292,7 @@ class ReceivingProcesses:
         lived = time.monotonic() - child.started_at
         delay = restart_delay(self._delays.get(child.index), lived)
         self._delays[child.index] = delay
-        self._listener._count("process_restarts")
+        self._listener.count_event("process_restarts")
         log.error(
             "receiving process %d (pid %d) exited with code %s after %.0f s; "
             "starting it again in %.0f s",
@@ -439,8 +439,8 @@ class _Receiver(Listener):
         ).start()
         return server
 
-    def _count(self, key: str) -> None:
-        super()._count(key)
+    def count_event(self, key: str) -> None:
+        super().count_event(key)
         self._control.post(("count", key))
 
 
