@@ -45,7 +45,7 @@ class LayerGaussian:
         # (f P) row-wise dot f as one matrix product. A three-operand einsum loops
         # without BLAS (1.7 ms per image at the 1024-wide stage); numpy's own BLAS
         # starts a thread pool of its own that fights torch's for the cores (a
-        # batch-1 predict() took 2.5x as long), so the product runs in torch.
+        # batch-1 predict() took about 3x as long), so the product runs in torch.
         product = (f @ torch.as_tensor(self.precision)) * f
         result: np.ndarray = product.sum(dim=1).numpy() / self.mean.size
         return result

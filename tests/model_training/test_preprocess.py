@@ -54,7 +54,7 @@ def test_non_finite_pixels_map_to_black_and_white_and_the_input_is_untouched() -
     assert torch.equal(torch.isnan(tensor), torch.from_numpy(np.isnan(before)))
 
 
-def test_an_image_already_in_range_is_read_not_copied_and_never_written() -> None:
+def test_an_image_already_in_range_is_never_written_and_resizes_as_a_clamped_one() -> None:
     """The usual input skips the clamp; the output still owns its memory."""
     from model.preprocess import resize_to_input
 
