@@ -152,7 +152,8 @@ import sys
 from pynetdicom import AE, evt, ALL_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import Verification
 from dicom_io.listener import storage_sop_classes
-from dicom_io.tuning import server_contexts, tune_connection
+from dicom_io.tuning import server_contexts, tune_allocator, tune_connection
+tune_allocator()
 ae = AE(ae_title="PNEUMO")
 ae.maximum_pdu_size = int(sys.argv[2])
 ae.maximum_associations = 8

@@ -57,7 +57,7 @@ from dicom_io.spool import (
     SpoolWriteError,
     StoreOutcome,
 )
-from dicom_io.tuning import server_contexts, tune_connection
+from dicom_io.tuning import server_contexts, tune_allocator, tune_connection
 
 if TYPE_CHECKING:
     from dicom_io.receivers import ReceivingProcesses
@@ -297,6 +297,7 @@ class Listener:
                 self.config.tls is not None,
             )
             return
+        tune_allocator()  # this process receives: keep data set buffers on the heap
         ae = self._build_ae()
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._handle_open),
