@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -434,3 +436,77 @@ def test_sigkill_during_a_storescu_burst_loses_no_acknowledged_instance(tmp_path
     finally:
         restarted.terminate()
         restarted.wait(20)
+
+
+# --- the commit check's format ----------------------------------------------------------
+
+_META_BODY = 128 + 4 + 12  # preamble, "DICM", (0002,0000) UL element with its value
+
+
+def _check_parts(raw: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """A checked file split as written: head, check elements, check value, data set."""
+    (group_length,) = struct.unpack_from("<I", raw, _META_BODY - 4)
+    data_start = _META_BODY + group_length
+    creator_tag = raw.rindex(struct.pack("<HH2s", 0x0002, 0x0100, b"UI"), 0, data_start)
+    value_start = raw.index(struct.pack("<HH2s2x", 0x0002, 0x0102, b"OB"), creator_tag) + 12
+    return (
+        raw[:creator_tag],
+        raw[creator_tag:value_start],
+        raw[value_start:data_start],
+        raw[data_start:],
+    )
+
+
+def _rewrite_with_crc32_check(path: Path) -> None:
+    """Rewrite a checked file as the spool wrote it before XXH3: length and CRC-32 (12 bytes)."""
+    from dicom_io.spool import CRC32_CHECK_CREATOR_UID
+
+    written, new_elements, new_value, data = _check_parts(path.read_bytes())
+    creator = CRC32_CHECK_CREATOR_UID.encode() + b"\0" * (len(CRC32_CHECK_CREATOR_UID) % 2)
+    elements = struct.pack("<HH2sH", 0x0002, 0x0100, b"UI", len(creator)) + creator
+    elements += struct.pack("<HH2s2xI", 0x0002, 0x0102, b"OB", 12)
+    head = bytearray(written)
+    (group_length,) = struct.unpack_from("<I", head, _META_BODY - 4)
+    group_length += len(elements) + 12 - len(new_elements) - len(new_value)
+    struct.pack_into("<I", head, _META_BODY - 4, group_length)
+    crc = zlib.crc32(data, zlib.crc32(head))
+    path.write_bytes(bytes(head) + elements + struct.pack("<QI", len(data), crc) + data)
+
+
+def test_the_commit_check_is_the_length_and_xxh3_64_of_the_rest_of_the_file(tmp_path):
+    import xxhash
+
+    root = tmp_path / "spool"
+    ds = make_instance(pydicom.uid.generate_uid(), rows=64, cols=64)
+    _crash_before_rename(root, ds, tmp_path)
+    Spool(root)
+    head, elements, value, data = _check_parts(_final_path(root, ds).read_bytes())
+    assert COMMIT_CHECK_CREATOR_UID.encode() in elements
+    length, digest = struct.unpack("<QQ", value)
+    assert length == len(data) and data == encode_wire(ds)
+    assert digest == xxhash.xxh3_64_intdigest(head + data)
+
+
+@pytest.mark.parametrize("damage", [None, "flipped byte"])
+def test_a_pool_file_with_the_earlier_crc32_check_is_verified_as_before(tmp_path, damage):
+    """Pool files written before the XXH3 check (an upgrade after a crash) still recover."""
+    from dicom_io.spool import CRC32_CHECK_CREATOR_UID
+
+    root = tmp_path / "spool"
+    ds = make_instance(pydicom.uid.generate_uid(), rows=256, cols=256)
+    pool_file = _crash_before_rename(root, ds, tmp_path)
+    _rewrite_with_crc32_check(pool_file)
+    if damage:
+        raw = bytearray(pool_file.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        pool_file.write_bytes(bytes(raw))
+    Spool(root)
+    final = _final_path(root, ds)
+    assert list((root / POOL_DIR).iterdir()) == []
+    if damage:
+        assert not final.exists()
+        return
+    assert dataset_bytes(final) == encode_wire(ds)
+    meta = pydicom.filereader.read_file_meta_info(final)
+    assert meta.PrivateInformationCreatorUID == CRC32_CHECK_CREATOR_UID
+    assert pydicom.dcmread(final).PixelData == ds.PixelData
