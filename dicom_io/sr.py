@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import highdicom as hd
 from highdicom.sr import (
@@ -69,6 +70,19 @@ except ImportError:  # pragma: no cover - older/newer highdicom
 
     def does_iod_have_pixel_data(sop_class_uid: str) -> bool:
         return True
+
+
+@lru_cache(maxsize=256)
+def _iod_has_pixel_data(sop_class_uid: str) -> bool:
+    """Whether the IOD of ``sop_class_uid`` has pixel data, remembered per SOP Class.
+
+    highdicom walks every attribute of every module of the IOD on each call
+    (about 1 ms); a study's images share one or two SOP Classes.
+
+    Raises:
+        KeyError: no IOD is known for ``sop_class_uid`` (not remembered).
+    """
+    return does_iod_have_pixel_data(sop_class_uid)
 
 
 __all__ = [
@@ -382,7 +396,7 @@ def _library_images(evidence: Sequence[Dataset]) -> list[Dataset]:
     return [
         _library_header(ds)
         for ds in evidence
-        if "Rows" in ds and "Columns" in ds and does_iod_have_pixel_data(str(ds.SOPClassUID))
+        if "Rows" in ds and "Columns" in ds and _iod_has_pixel_data(str(ds.SOPClassUID))
     ]
 
 

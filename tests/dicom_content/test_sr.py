@@ -370,3 +370,26 @@ def test_sr_builds_from_invalid_dates_and_nul_in_ids(
     for value in ("19800231", "1980-01-02"):
         assert value not in caplog.text
     assert rg1.get_item(0x00100030).value == b"19800231"
+
+
+def test_the_image_library_pixel_data_check_is_highdicoms_remembered_per_sop_class() -> None:
+    from highdicom._standard_utils import does_iod_have_pixel_data
+
+    from dicom_io.sr import _iod_has_pixel_data
+
+    classes = [
+        "1.2.840.10008.5.1.4.1.1.1.1",  # DX, for presentation
+        "1.2.840.10008.5.1.4.1.1.1",  # CR
+        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+        "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR: no pixel data
+        "1.2.840.10008.5.1.4.1.1.88.59",  # Key Object Selection: no pixel data
+    ]
+    _iod_has_pixel_data.cache_clear()
+    answers = [_iod_has_pixel_data(uid) for uid in classes]
+    assert answers == [does_iod_have_pixel_data(uid) for uid in classes]
+    assert answers == [True, True, True, False, False]
+    assert [_iod_has_pixel_data(uid) for uid in classes] == answers
+    assert _iod_has_pixel_data.cache_info().hits == len(classes)
+    with pytest.raises(KeyError):  # an unknown SOP Class is an error, and not remembered
+        _iod_has_pixel_data("1.2.3.4")
+    assert _iod_has_pixel_data.cache_info().currsize == len(classes)
