@@ -1,10 +1,11 @@
 """Speed patches applied to pynetdicom/pydicom for our listener and sender.
 
 Kept apart from :mod:`dicom_io.listener` because each one reaches into a
-library's internals (pynetdicom 3.0: ``AssociationSocket.recv``, the deep
-copy of supported contexts, the reactors' polling sleeps); when pynetdicom
-changes, this is the one module to revisit. Each patch keeps pynetdicom's
-semantics and has a test in ``tests/dicom_receive/test_tuning.py``.
+library's internals (pynetdicom 3.0: ``AssociationSocket.recv``, the DUL's
+``_decode_pdu``, the deep copy of supported contexts, the reactors' polling
+sleeps; glibc's ``mallopt``); when pynetdicom changes, this is the one module
+to revisit. Each patch keeps pynetdicom's semantics and has a test in
+``tests/dicom_receive/test_tuning.py``.
 
 Latency of one C-STORE over one association (the sender waits for each
 response): pynetdicom's two threads per association poll. The DUL reactor
