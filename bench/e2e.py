@@ -13,11 +13,14 @@ X-ray, resized) with pynetdicom.
     worker processes: N / (first send → last SR acknowledged), and the CPU
     time per study of each process group (listener, worker processes, this
     process as sender and PACS, PostgreSQL + Redis), from which the rate the
-    cores could sustain if they were never idle follows.
+    cores could sustain if they were never idle follows; and that rate for
+    the product's processes alone (a deployment runs the modality and the
+    PACS on other hosts).
 (c) the same on the embedded default (SQLite + the private redis-server broker).
 
     .venv/bin/python bench/e2e.py                    # the issue's sizes
     .venv/bin/python bench/e2e.py --latency-studies 10 --throughput-studies 50
+    .venv/bin/python bench/e2e.py --precision bfloat16   # PNEUMO_INFERENCE_PRECISION
 
 Needs ../shared/data (one Kermany image); production rows need Redis and
 PostgreSQL at 127.0.0.1 (a throwaway database is created and dropped).
@@ -52,6 +55,8 @@ DX = "1.2.840.10008.5.1.4.1.1.1.1"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REDIS = "redis://127.0.0.1:6379/13"
+BENCH_ROLE = "bench (sender + PACS)"
+"""This process's CPU: the modality and the PACS, which a deployment runs on other hosts."""
 
 
 def free_port() -> int:
@@ -293,7 +298,7 @@ def cpu_groups(stack: Stack) -> dict[str, list[psutil.Process]]:
     for role, popen in zip(("listener", "worker"), stack.processes, strict=False):
         root = psutil.Process(popen.pid)
         groups[role] = [root, *root.children(recursive=True)]
-    groups["bench (sender + PACS)"] = [psutil.Process()]
+    groups[BENCH_ROLE] = [psutil.Process()]
     services: list[psutil.Process] = []
     for proc in psutil.process_iter(["name"]):
         if (proc.info["name"] or "").startswith(("postgres", "redis-server")):
@@ -388,12 +393,16 @@ def bench_stack(
             rate, cpu = run_throughput(stack, pacs, pixels, args.throughput_studies)
             label = "(c)" if name == "embedded" else "(b)"
             split = ", ".join(f"{role} {ms:.0f}" for role, ms in cpu.items())
+            cores = os.cpu_count() or 1
+            product = sum(ms for role, ms in cpu.items() if role != BENCH_ROLE)
             rows.append(
                 f"{label} throughput {name:17s} {workers} worker(s) "
                 f"n={args.throughput_studies:<4d} {rate:.2f} studies/s"
                 f" | CPU core-ms per study: {split} (total {sum(cpu.values()):.0f};"
-                f" all {os.cpu_count()} cores busy would allow"
-                f" {(os.cpu_count() or 1) * 1000 / sum(cpu.values()):.2f} studies/s)"
+                f" all {cores} cores busy would allow"
+                f" {cores * 1000 / sum(cpu.values()):.2f} studies/s;"
+                f" without the bench's own {cpu[BENCH_ROLE]:.0f}, {product:.0f}:"
+                f" {cores * 1000 / product:.2f} studies/s)"
             )
             print(rows[-1], flush=True)
     finally:
@@ -412,6 +421,11 @@ def main() -> int:
         type=int,
         default=1,
         help="PNEUMO_LISTENER_PROCESSES for the listener (receiving processes; default 1)",
+    )
+    parser.add_argument(
+        "--precision",
+        default=None,
+        help="PNEUMO_INFERENCE_PRECISION for the workers (default: the setting's own, auto)",
     )
     parser.add_argument("--skip-production", action="store_true")
     parser.add_argument("--skip-embedded", action="store_true")
@@ -433,6 +447,10 @@ def main() -> int:
     if args.listener_processes != 1:
         receivers = {"PNEUMO_LISTENER_PROCESSES": str(args.listener_processes)}
         flavours = [(f"{n}-rx{args.listener_processes}", {**e, **receivers}, pg)
+                    for n, e, pg in flavours]  # fmt: skip
+    if args.precision:
+        precision = {"PNEUMO_INFERENCE_PRECISION": args.precision}
+        flavours = [(f"{n}-{args.precision}", {**e, **precision}, pg)
                     for n, e, pg in flavours]  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="pneumo-bench-") as tmp:

@@ -1,6 +1,7 @@
 """CPU of one study through the worker's pipeline, in-process, per stage.
 
     .venv/bin/python bench/stages.py [--studies 24] [--size 2048] [--threads 1]
+                                     [--precision auto] [--agreement 0]
 
 Builds one synthetic single-image DX study (pixels from a real Kermany chest
 X-ray, as ``bench/e2e.py``), records it ``--studies`` times in a throwaway
@@ -11,7 +12,13 @@ seconds per study and the mean of each stage timing the pipeline stores on
 the result row. No broker, listener or network: the worker's own work only
 (sending the results back is not included).
 
-Needs ../shared/data (one Kermany image).
+``--precision`` runs the model as ``PNEUMO_INFERENCE_PRECISION`` would
+(:mod:`model.precision`). ``--agreement N`` also compares it with float32 on
+the first N kermany/test images of each class, through ``Predictor.predict``:
+the largest and mean difference of the calibrated probabilities and how many
+images change side of the model's threshold.
+
+Needs ../shared/data (one Kermany image; N per class for ``--agreement``).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -32,6 +40,10 @@ def main() -> int:
     parser.add_argument("--studies", type=int, default=24)
     parser.add_argument("--size", type=int, default=2048, help="image side in pixels")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--precision", default="auto", help="auto, float32, float16, bfloat16")
+    parser.add_argument(
+        "--agreement", type=int, default=0, help="kermany/test images per class to compare"
+    )
     args = parser.parse_args()
 
     import torch
@@ -52,7 +64,8 @@ def main() -> int:
     url = f"sqlite:///{work / 'pneumo.db'}"
     migrate.upgrade(url)
     config = WorkerConfig(database_url=url, broker_url="redis://127.0.0.1:1/0",
-                          data_dir=work, results_dir=work / "results")  # fmt: skip
+                          data_dir=work, results_dir=work / "results",
+                          inference_precision=args.precision)  # fmt: skip
     pixels = template_pixels(args.size)
     queued = []
     for _ in range(args.studies + 1):  # the first one warms up
@@ -64,7 +77,7 @@ def main() -> int:
             repo.record_instance(session, instance_record(ds, path, "BENCH"))
             queued.append(repo.mark_study_queued(session, str(ds.StudyInstanceUID),
                                                  amended=False))  # fmt: skip
-    predictor = load_predictor()
+    predictor = load_predictor(precision=config.inference_precision)
     run_study(config, *queued[0], predictor=predictor)
     totals: dict[str, float] = {}
     wall, cpu = time.perf_counter(), time.process_time()
@@ -76,12 +89,44 @@ def main() -> int:
     wall, cpu = (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n
     print(
         f"pipeline per study, {args.size}x{args.size} single-image DX, {n} studies, "
-        f"torch {args.threads} thread(s), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f"torch {args.threads} thread(s), {predictor.info.precision}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
     print(f"wall {wall * 1e3:.1f} ms, CPU {cpu * 1e3:.1f} ms")
     for stage, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {stage:14s} {seconds / n * 1e3:7.1f} ms")
+    if args.agreement:
+        agreement(predictor, args.agreement)
     return 0
+
+
+def agreement(predictor: Any, per_class: int) -> None:
+    """Print how ``predictor``'s probabilities differ from float32's on kermany/test images."""
+    import numpy as np
+    from e2e import SHARED
+
+    from model.images import load_image_file
+    from model.inference import Predictor, default_weights_path
+
+    files = [
+        f
+        for label in ("NORMAL", "PNEUMONIA")
+        for f in sorted((SHARED / "kermany" / "test" / label).glob("*.jpeg"))[:per_class]
+    ]
+    reference = Predictor(default_weights_path(), precision="float32")  # the shipped weights
+    ours, theirs = [], []
+    for i in range(0, len(files), 8):
+        images = [load_image_file(f) for f in files[i : i + 8]]
+        ours += [p.probability for p in predictor.predict(images)]
+        theirs += [p.probability for p in reference.predict(images)]
+    diff = np.abs(np.array(ours) - np.array(theirs))
+    threshold = predictor.info.threshold
+    flips = sum((a >= threshold) != (b >= threshold) for a, b in zip(ours, theirs, strict=True))
+    print(
+        f"{predictor.info.precision} vs float32 on {len(files)} kermany/test images: "
+        f"probability |difference| max {diff.max():.4f}, mean {diff.mean():.4f}; "
+        f"{flips} image(s) on the other side of the threshold {threshold:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ pass whose logit became the probability, so serving pays for one forward, not tw
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import threading
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,7 @@ from numpy._core.multiarray import _reconstruct  # what a pickled ndarray is reb
 
 from model.network import NetConfig, PneumoNet, build_network, tta_forward_with_map
 from model.ood import OODModel
+from model.precision import Precision
 from model.preprocess import to_model_batch
 
 __all__ = [
@@ -40,10 +42,13 @@ __all__ = [
     "autocast_dtype",
     "default_weights_path",
     "load_predictor",
+    "native_bfloat16",
     "pick_device",
     "read_weights_file",
     "sha256_file",
 ]
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 NOT_CHEST_CODE = "not-chest-xray"
@@ -75,6 +80,8 @@ class ModelInfo:
     bias: float = 0.0  # calibration: p = sigmoid(logit / temperature + bias)
     path: str = ""  # file name of the weights (no directories: nothing site-specific)
     equalize: bool = False  # preprocessing: histogram equalisation (model.preprocess)
+    precision: str = "float32"
+    """What the forward pass computed in: float32, or the autocast dtype (float16, bfloat16)."""
 
 
 @dataclass(frozen=True)
@@ -149,24 +156,45 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+def autocast_dtype(
+    device: torch.device, precision: str | Precision = Precision.AUTO
+) -> torch.dtype | None:
     """The ``torch.autocast`` dtype for ``precision`` on ``device``; None = plain float32.
 
     ``auto``: float16 on CUDA (tensor cores, half the memory traffic), float32
     on the CPU: bfloat16 there is an opt-in, as it changes the validated
-    model's outputs (probabilities by up to 5e-3 on Kermany images; 1.3x the
-    images/s on this project's CI CPU, which has AMX-BF16). ``float16`` and
-    ``bfloat16`` force autocast on any device (how the GPU path runs on a CPU).
+    model's outputs by a few thousandths (:mod:`model.precision`).
+    ``float16`` and ``bfloat16`` force autocast on any device (how the GPU
+    path runs on a CPU).
 
     Raises:
         ValueError: ``precision`` is not one of auto, float32, float16, bfloat16.
     """
-    if precision == "auto":
+    chosen = Precision.parse(precision)
+    if chosen is Precision.AUTO:
         return torch.float16 if device.type == "cuda" else None
-    dtypes = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if precision not in dtypes:
-        raise ValueError(f"precision must be auto or one of {sorted(dtypes)}, not {precision!r}")
-    return dtypes[precision]
+    return {
+        Precision.FLOAT32: None,
+        Precision.FLOAT16: torch.float16,
+        Precision.BFLOAT16: torch.bfloat16,
+    }[chosen]
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    """``float32`` for no autocast, else the autocast dtype's name (``bfloat16``...)."""
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def native_bfloat16() -> bool | None:
+    """Whether this CPU computes in bfloat16 natively (oneDNN's check: AVX512-BF16 or AMX).
+
+    None when torch cannot tell. Without it, bfloat16 autocast on the CPU is
+    emulated and slower than float32.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - a torch without oneDNN
+        return None
 
 
 class Predictor:
@@ -185,7 +213,7 @@ class Predictor:
         device: str | None = None,
         batch_size: int = 16,
         *,
-        precision: str = "auto",
+        precision: str | Precision = Precision.AUTO,
         channels_last: bool | None = None,
     ) -> None:
         weights = Path(weights)
@@ -200,6 +228,15 @@ class Predictor:
         self.device = pick_device(device)
         self.batch_size = batch_size
         self._autocast = autocast_dtype(self.device, precision)
+        if (
+            self._autocast is torch.bfloat16
+            and self.device.type == "cpu"
+            and native_bfloat16() is False
+        ):
+            log.warning(
+                "bfloat16 inference requested, but this CPU has no native bfloat16 "
+                "(AVX512-BF16 or AMX): it is emulated and slower than float32"
+            )
         # pinned (page-locked) host memory: the copy to the GPU runs asynchronously
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
         config = NetConfig.from_dict(payload["net_config"])
@@ -232,6 +269,7 @@ class Predictor:
             bias=float(payload.get("bias", 0.0)),
             path=weights.name,
             equalize=bool(payload.get("equalize", False)),
+            precision=_dtype_name(self._autocast),
         )
         self._lock = threading.Lock()
 
@@ -388,17 +426,27 @@ class Predictor:
         return out
 
 
-_CACHE: dict[tuple[str, str], Predictor] = {}
+_CACHE: dict[tuple[str, str, str], Predictor] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def load_predictor(weights: Path | None = None, device: str | None = None) -> Predictor:
-    """The process-wide :class:`Predictor` for (weights, device), loaded on first use."""
+def load_predictor(
+    weights: Path | None = None,
+    device: str | None = None,
+    precision: str | Precision = Precision.AUTO,
+) -> Predictor:
+    """The process-wide :class:`Predictor` for (weights, device, precision), loaded on first use.
+
+    Raises:
+        WeightsError: the weights file is missing, unreadable or of an unknown format.
+        ValueError: ``precision`` is not one of :class:`~model.precision.Precision`.
+    """
     path = Path(weights) if weights else default_weights_path()
-    key = (str(path.resolve()), str(pick_device(device)))
+    chosen = Precision.parse(precision)
+    key = (str(path.resolve()), str(pick_device(device)), chosen.value)
     with _CACHE_LOCK:
         pred = _CACHE.get(key)
         if pred is None:
-            pred = Predictor(path, device)
+            pred = Predictor(path, device, precision=chosen)
             _CACHE[key] = pred
         return pred

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from dicom_io.config import Destination, TLSConfig
+from model.precision import Precision
 
 __all__ = ["WorkerConfig", "WorkerPool"]
 
@@ -69,6 +70,8 @@ class WorkerConfig:
     task_retry_backoff_seconds: float = 5.0
     torch_threads: int = 0
     """CPU threads per worker process; 0 = leave torch's default."""
+    inference_precision: Precision = Precision.AUTO
+    """What the forward pass computes in (:mod:`model.precision`); recorded with each result."""
     worker_warmup: bool = True
     """Load the model when a worker process starts, not on its first study."""
     heatmap_max_side: int = 1024
@@ -113,3 +116,5 @@ class WorkerConfig:
             raise ValueError("retrieve_method must be 'get' or 'move'")
         if self.fault_test_delay_seconds < 0:
             raise ValueError("fault_test_delay_seconds must not be negative")
+        # a plain string from a caller is checked and kept as the Enum
+        object.__setattr__(self, "inference_precision", Precision.parse(self.inference_precision))

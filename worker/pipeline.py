@@ -18,6 +18,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from db.engine import session_scope
 from db.models import ResultStatus
@@ -38,6 +39,9 @@ from worker.stages import (
 )
 from worker.stages.load import PixelSource
 from worker.stages.outputs import predecessor_sr
+
+if TYPE_CHECKING:
+    from model.precision import Precision
 
 __all__ = ["StageTimer", "StudyOutcome", "default_predictor", "run_study"]
 
@@ -70,7 +74,8 @@ def default_predictor(config: WorkerConfig) -> Predictor:
     is loaded from the file it was activated with, after checking that the
     file's sha256 is the one recorded; a new activation is picked up by the
     next study, without a restart. With no activation at all, the newest
-    shipped weights are used.
+    shipped weights are used. Each runs in ``config.inference_precision``
+    (``PNEUMO_INFERENCE_PRECISION``, :mod:`model.precision`).
 
     Raises:
         model.inference.WeightsError: the weights file is missing, unreadable, or
@@ -79,27 +84,29 @@ def default_predictor(config: WorkerConfig) -> Predictor:
     """
     from model.inference import load_predictor  # torch: only where a model is needed
 
+    precision = config.inference_precision
     if config.model_path is not None:
-        return load_predictor(config.model_path)
+        return load_predictor(config.model_path, precision=precision)
     with session_scope(config.database_url) as session:
         active = active_model(session)
     if active is None:
-        return load_predictor(None)
+        return load_predictor(None, precision=precision)
+    key = (active.activation_id, precision.value)
     with _ACTIVE_LOCK:
-        loaded = _ACTIVE.get(active.activation_id)
+        loaded = _ACTIVE.get(key)
         if loaded is None:
-            loaded = _load_verified(active)
+            loaded = _load_verified(active, precision)
             _ACTIVE.clear()  # one activated model per process: drop the one it replaces
-            _ACTIVE[active.activation_id] = loaded
+            _ACTIVE[key] = loaded
         return loaded
 
 
-_ACTIVE: dict[int, Predictor] = {}
-"""The loaded active model, by activation id."""
+_ACTIVE: dict[tuple[int, str], Predictor] = {}
+"""The loaded active model, by (activation id, precision)."""
 _ACTIVE_LOCK = threading.Lock()
 
 
-def _load_verified(active: ActiveModel) -> Predictor:
+def _load_verified(active: ActiveModel, precision: Precision) -> Predictor:
     """The activated weights file, loaded only if it hashes to the recorded sha256.
 
     Raises:
@@ -126,9 +133,9 @@ def _load_verified(active: ActiveModel) -> Predictor:
         ) from exc
     if actual != active.sha256:
         raise refuse(actual)
-    predictor: Predictor = load_predictor(path)
+    predictor: Predictor = load_predictor(path, precision=precision)
     if predictor.info.sha256 != active.sha256:  # cached from before the file was replaced
-        predictor = ModelPredictor(path)
+        predictor = ModelPredictor(path, precision=precision)
         if predictor.info.sha256 != active.sha256:  # replaced again while we read it
             raise refuse(predictor.info.sha256)
     log.info("model %s loaded from %s (activation %d)", active.label, path.name,

@@ -52,6 +52,11 @@ class ModelDescription(Protocol):
         """Upper age of the intended population; None when the card gives none."""
         ...
 
+    @property
+    def precision(self) -> str:
+        """What the forward pass computed in: ``float32``, ``float16`` or ``bfloat16``."""
+        ...
+
 
 class Prediction(Protocol):
     """The model's verdict on one image."""

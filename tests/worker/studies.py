@@ -119,6 +119,7 @@ class FakeInfo:
     threshold: float = 0.5
     intended_population: str = "test images"
     max_age_years: int | None = 17
+    precision: str = "float32"
 
 
 @dataclass(frozen=True)

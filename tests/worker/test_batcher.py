@@ -258,6 +258,32 @@ def test_cuda_serving_path_on_the_cpu_agrees_with_the_plain_path(
     assert inference.autocast_dtype(inference.pick_device("cpu")) is None  # off by default
     with pytest.raises(ValueError, match="precision"):
         inference.autocast_dtype(inference.pick_device("cpu"), "int8")
+    # what a result records: the numbers the pass actually ran in
+    assert (plain.info.precision, gpu_like.info.precision) == ("float32", "float16")
+
+
+def test_bfloat16_on_the_cpu_agrees_with_float32_and_says_so(
+    radiographs: list[np.ndarray],
+) -> None:
+    """The PNEUMO_INFERENCE_PRECISION=bfloat16 opt-in: a few thousandths, the same decisions."""
+    weights = inference.default_weights_path()
+    plain = inference.load_predictor(weights, device="cpu", precision="float32")
+    fast = inference.load_predictor(weights, device="cpu", precision=" BFloat16 ")
+    assert fast is not plain and fast._autocast is torch.bfloat16
+    assert fast is inference.load_predictor(weights, device="cpu", precision="bfloat16")
+    assert (plain.info.precision, fast.info.precision) == ("float32", "bfloat16")
+
+    want, want_maps = plain.predict_with_heatmaps(radiographs)
+    got, got_maps = fast.predict_with_heatmaps(radiographs)
+    assert any(0.05 < q.probability < 0.95 for q in want)  # not saturated: a real comparison
+    for p, q in zip(got, want, strict=True):
+        assert p.probability != q.probability or p.ood_score != q.ood_score  # really bfloat16
+        assert p.probability == pytest.approx(q.probability, abs=5e-3)
+        assert p.is_chest == q.is_chest
+    for m, w in zip(got_maps, want_maps, strict=True):
+        assert m.shape == w.shape and m.dtype == np.float32
+        if w.max() > 0:
+            assert float(np.corrcoef(m.ravel(), w.ravel())[0, 1]) > 0.95
 
 
 def test_threads_worker_batches_studies_and_reports_batch_sizes(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from model.precision import Precision
 from pneumo.settings import load_settings
 from worker.app import PROCESS_STUDY, celery_config, create_app, worker_config_of
 from worker.config import WorkerConfig
@@ -38,6 +39,26 @@ def test_no_loss_settings(tmp_path: Path) -> None:
     assert conf["broker_transport_options"]["visibility_timeout"] > 123
     assert conf["broker_transport_options"]["queue_order_strategy"] == "priority"
     assert QUEUE_PRIORITY[0] == "realtime" and "batch" in QUEUE_PRIORITY
+
+
+def test_inference_precision_from_the_environment_to_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic import ValidationError
+
+    assert load_settings(data_dir=tmp_path).worker_config().inference_precision is Precision.AUTO
+    monkeypatch.setenv("PNEUMO_INFERENCE_PRECISION", "BFloat16")
+    settings = load_settings(data_dir=tmp_path)
+    assert settings.worker_config().inference_precision is Precision.BFLOAT16
+    monkeypatch.setenv("PNEUMO_INFERENCE_PRECISION", "int8")
+    with pytest.raises(ValidationError, match="auto, float32, float16, bfloat16"):
+        load_settings(data_dir=tmp_path)
+    # a WorkerConfig built directly is checked the same way
+    assert _config(tmp_path, inference_precision=" float32").inference_precision is (
+        Precision.FLOAT32
+    )
+    with pytest.raises(ValueError, match="precision must be one of"):
+        _config(tmp_path, inference_precision="half")
 
 
 def test_embedded_broker_is_a_redis_socket_under_data_dir(tmp_path: Path) -> None:

@@ -67,6 +67,10 @@ def test_algorithm_info_names_the_model() -> None:
     assert (info.name, info.version, info.manufacturer) == ("fakenet", "0.0.1", "pneumo")
     assert info.parameters["threshold"] == "0.2500"
     assert info.parameters["intended_population"] == "test images"
+    assert info.parameters["inference_precision"] == "float32"
+    assert algorithm_info(FakeInfo(precision="bfloat16")).parameters["inference_precision"] == (
+        "bfloat16"
+    )
 
 
 def test_invalid_study_uid_never_becomes_a_path(tmp_path: Path) -> None:

@@ -74,6 +74,7 @@ def test_study_with_chest_and_ct(config: WorkerConfig, predictor) -> None:  # ty
         env={"TCP_NODELAY": "1"},
     ).stdout
     assert "outside-intended-use" in dump
+    assert "inference_precision=float32" in dump  # the precision the result was computed in
     assert pydicom.dcmread(sc_path).SOPClassUID.startswith("1.2.840.10008.5.1.4.1.1.7")
     assert sc_path.parent == config.results_dir / outcome.study_uid
 
@@ -84,6 +85,43 @@ def test_study_with_chest_and_ct(config: WorkerConfig, predictor) -> None:  # ty
     with session_scope(config.database_url) as session:
         assert session.execute(select(func.count()).select_from(Result)).scalar_one() == 1
         assert session.execute(select(func.count()).select_from(ImageResult)).scalar_one() == 1
+
+
+def test_inference_precision_setting_reaches_the_model_and_the_sr(
+    tmp_path: Path,
+    dicom_data: Path,
+    predictor,  # type: ignore[no-untyped-def]
+) -> None:
+    """PNEUMO_INFERENCE_PRECISION=bfloat16: the default predictor runs in it, the SR says so."""
+    from worker.pipeline import default_predictor
+
+    need_dcmtk("dsrdump")
+    config = worker_config(tmp_path, inference_precision="bfloat16")
+    fast = default_predictor(config)  # no activated model: the shipped weights, in bfloat16
+    assert fast.info.precision == "bfloat16" and fast is not predictor
+    assert default_predictor(config) is fast  # loaded once per process
+
+    study = record_study(config, [CXR], age="006Y")
+    outcome = run_study(config, study.study_id, study.revision)  # the default predictor
+    plain = run_study(config, study.study_id, study.revision, predictor=predictor)
+    assert outcome.probability is not None and plain.probability is not None
+    assert outcome.probability == pytest.approx(plain.probability, abs=5e-3)
+    assert outcome.finding == plain.finding
+    dump = subprocess.run(
+        ["/usr/bin/dsrdump", str(plain.files[0])],
+        capture_output=True,
+        text=True,
+        env={"TCP_NODELAY": "1"},
+    ).stdout
+    assert "inference_precision=float32" in dump  # the same result, rewritten by float32
+    run_study(config, study.study_id, study.revision)
+    dump = subprocess.run(
+        ["/usr/bin/dsrdump", str(outcome.files[0])],
+        capture_output=True,
+        text=True,
+        env={"TCP_NODELAY": "1"},
+    ).stdout
+    assert "inference_precision=bfloat16" in dump
 
 
 def test_child_is_inside_intended_use(config: WorkerConfig, predictor) -> None:  # type: ignore[no-untyped-def]

@@ -114,6 +114,7 @@ def algorithm_info(info: ModelDescription) -> AlgorithmInfo:
             "threshold": f"{float(info.threshold):.4f}",
             "weights_sha256": str(info.sha256),
             "intended_population": str(info.intended_population),
+            "inference_precision": str(info.precision),
         },
     )
 
