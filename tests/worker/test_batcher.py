@@ -286,6 +286,23 @@ def test_bfloat16_on_the_cpu_agrees_with_float32_and_says_so(
             assert float(np.corrcoef(m.ravel(), w.ravel())[0, 1]) > 0.95
 
 
+def test_bfloat16_without_native_support_is_served_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CPU without AVX512-BF16/AMX (not this one: its detection is stood in for) is warned of."""
+    assert inference.native_bfloat16() in (True, False, None)
+    monkeypatch.setattr(inference, "native_bfloat16", lambda: False)
+    weights = inference.default_weights_path()
+    with caplog.at_level("WARNING", logger="model.inference"):
+        slow = inference.Predictor(weights, device="cpu", precision="bfloat16")
+    assert slow.info.precision == "bfloat16"
+    assert any("no native bfloat16" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="model.inference"):
+        inference.Predictor(weights, device="cpu", precision="float32")
+    assert not caplog.records  # float32 never warns
+
+
 def test_threads_worker_batches_studies_and_reports_batch_sizes(
     embedded_redis: Path, spawn: Any, tmp_path: Path
 ) -> None:
