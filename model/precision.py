@@ -3,8 +3,8 @@
 Kept apart from :mod:`model.inference` so that settings and the worker's
 configuration can name and check a precision without loading torch.
 
-``auto`` is what the model was validated in wherever that is fast enough:
-float32 on the CPU, float16 autocast on CUDA. ``bfloat16`` on the CPU is an
+``auto`` is float32 on the CPU, the numbers the model was validated in, and
+float16 autocast on CUDA, the GPU's fast path. ``bfloat16`` on the CPU is an
 opt-in for hosts whose cores compute in bfloat16 natively (AVX512-BF16 or
 AMX): there the model's stage takes about two thirds of float32's CPU time,
 and the calibrated probabilities move by a few thousandths (``bench/stages.py
