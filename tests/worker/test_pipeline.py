@@ -32,6 +32,16 @@ def predictor():  # type: ignore[no-untyped-def]
         pytest.skip("no model weights yet")
 
 
+def _dsrdump(path: Path) -> str:
+    """DCMTK's text rendering of an SR file."""
+    return subprocess.run(
+        ["/usr/bin/dsrdump", str(path)],
+        capture_output=True,
+        text=True,
+        env={"TCP_NODELAY": "1"},
+    ).stdout
+
+
 @pytest.fixture
 def config(tmp_path: Path, dicom_data: Path) -> WorkerConfig:
     return worker_config(tmp_path)
@@ -67,12 +77,7 @@ def test_study_with_chest_and_ct(config: WorkerConfig, predictor) -> None:  # ty
     sr = pydicom.dcmread(sr_path)
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
     assert sr.StudyInstanceUID == outcome.study_uid
-    dump = subprocess.run(
-        ["/usr/bin/dsrdump", str(sr_path)],
-        capture_output=True,
-        text=True,
-        env={"TCP_NODELAY": "1"},
-    ).stdout
+    dump = _dsrdump(sr_path)
     assert "outside-intended-use" in dump
     assert "inference_precision=float32" in dump  # the precision the result was computed in
     assert pydicom.dcmread(sc_path).SOPClassUID.startswith("1.2.840.10008.5.1.4.1.1.7")
@@ -107,21 +112,10 @@ def test_inference_precision_setting_reaches_the_model_and_the_sr(
     assert outcome.probability is not None and plain.probability is not None
     assert outcome.probability == pytest.approx(plain.probability, abs=5e-3)
     assert outcome.finding == plain.finding
-    dump = subprocess.run(
-        ["/usr/bin/dsrdump", str(plain.files[0])],
-        capture_output=True,
-        text=True,
-        env={"TCP_NODELAY": "1"},
-    ).stdout
-    assert "inference_precision=float32" in dump  # the same result, rewritten by float32
+    # the same result, rewritten by float32, then by bfloat16 again
+    assert "inference_precision=float32" in _dsrdump(plain.files[0])
     run_study(config, study.study_id, study.revision)
-    dump = subprocess.run(
-        ["/usr/bin/dsrdump", str(outcome.files[0])],
-        capture_output=True,
-        text=True,
-        env={"TCP_NODELAY": "1"},
-    ).stdout
-    assert "inference_precision=bfloat16" in dump
+    assert "inference_precision=bfloat16" in _dsrdump(outcome.files[0])
 
 
 def test_child_is_inside_intended_use(config: WorkerConfig, predictor) -> None:  # type: ignore[no-untyped-def]
